@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny tokenizer, tiny model directories of each architecture, a fresh workspace.
+
+Tiers: plain tests use tiny random models (milliseconds); tests marked `reference`
+use the bundled reference model where behaviour matters; `slow` marks the few that
+take more than ~20 s.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.tiny import ARCHITECTURES, build_tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer):
+    """{architecture: directory} of tiny random models, built once per session."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: build_tiny_model(arch, root / arch, tokenizer) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_dirs):
+    """The tiny GPT-2 booted through load_model (shared: tests must not leave hooks behind)."""
+    from workbench.model import load_model
+
+    return load_model(model_dirs["gpt2"], device="cpu")
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    from workbench.workspace import Workspace
+
+    return Workspace(tmp_path / "ws")
