@@ -36,7 +36,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import duckdb
 
@@ -176,8 +176,13 @@ class Workspace:
 
     # ------------------------------------------------------------------ reading
     @contextlib.contextmanager
-    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """An in-memory connection with every published file attached read-only and one view per table."""
+    def connect(self, tables: Iterable[str] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """An in-memory connection with every published file attached read-only and one view per table.
+
+        `tables` limits the views to those names: binding a view over many Parquet
+        shards reads every shard's footer, so a reader that knows what it needs skips that.
+        """
+        wanted = None if tables is None else set(tables)
         con = duckdb.connect(":memory:")
         try:
             sources: dict[str, list[str]] = {}
@@ -192,9 +197,13 @@ class Workspace:
                 ).fetchall():
                     sources.setdefault(table, []).append(f'{alias}.main."{table}"')
             for table in self._shard_tables():
+                if wanted is not None and table not in wanted:
+                    continue
                 glob = _sql_path(self.tables_dir / table) + "/*.parquet"
                 sources.setdefault(table, []).append(f"read_parquet('{glob}', union_by_name = true)")
             for table, parts in sources.items():
+                if wanted is not None and table not in wanted:
+                    continue
                 union = " UNION ALL BY NAME ".join(f"SELECT * FROM {p}" for p in parts)
                 con.execute(f'CREATE VIEW "{table}" AS {union}')
             yield con
