@@ -187,18 +187,17 @@ class Workspace:
         try:
             sources: dict[str, list[str]] = {}
             for i, path in enumerate(self.published_dbs()):
-                alias = f"db{i}"
                 try:
-                    con.execute(f"ATTACH '{_sql_path(path)}' AS {alias} (READ_ONLY)")
+                    con.execute(f"ATTACH '{_sql_path(path)}' AS db{i} (READ_ONLY)")
                 except duckdb.Error:
                     continue  # replaced or removed between listing and attaching; the next query sees its successor
-                for (table,) in con.execute(
-                    "SELECT table_name FROM duckdb_tables() WHERE database_name = ? AND schema_name = 'main'", [alias]
-                ).fetchall():
-                    sources.setdefault(table, []).append(f'{alias}.main."{table}"')
+            # One catalog listing for all attached files (database_name sorts db0, db1, ... in attach order per table).
+            for alias, table in con.execute(
+                "SELECT database_name, table_name FROM duckdb_tables() WHERE database_name LIKE 'db%' AND schema_name = 'main' "
+                "ORDER BY CAST(substr(database_name, 3) AS INTEGER)"
+            ).fetchall():
+                sources.setdefault(table, []).append(f'{alias}.main."{table}"')
             for table in self._shard_tables():
-                if wanted is not None and table not in wanted:
-                    continue
                 glob = _sql_path(self.tables_dir / table) + "/*.parquet"
                 sources.setdefault(table, []).append(f"read_parquet('{glob}', union_by_name = true)")
             for table, parts in sources.items():
