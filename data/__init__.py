@@ -15,6 +15,8 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 # name -> one-line description; each is a directory under MODELS_DIR built by `python -m workbench zoo build`.
 BUNDLED_MODELS = {
     "ref-gpt2": "reference GPT-2 trained by data/zoo.py on Python's own sources and docs plus synthetic tasks",
+    "planted-induction": "2-layer GPT-2 with a hand-built induction circuit (data/planted.py; ground_truth.json beside it)",
+    "planted-induction-mlp": "3-layer GPT-2 whose hand-built induction circuit runs through an MLP relay (data/planted.py)",
 }
 
 
