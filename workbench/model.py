@@ -57,6 +57,7 @@ def load_model(
     name = str(name_or_path)
     directory = resolve_model_dir(name)
     torch_dtype = resolve_dtype(dtype)
+    _quiet_transformers()
     try:
         model = TransformerBridge.boot_transformers(str(directory), device=resolve_device(device), dtype=torch_dtype)
         model.enable_compatibility_mode(disable_warnings=True, no_processing=not process_weights)
@@ -215,6 +216,14 @@ def _hub_snapshot(name: str) -> Path:
         return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
     except Exception as e:  # the hub answered but refused: unknown repo, gated, network cut mid-way
         raise WorkbenchError(f"cannot download model {name!r} from the hub: {_one_line(e)}") from e
+
+
+def _quiet_transformers() -> None:
+    """Keep stderr for our own messages: no per-load weight-loading bars or advisory warnings from transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _one_line(e: BaseException) -> str:
