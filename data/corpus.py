@@ -1,12 +1,16 @@
 """Text corpora and the token chunks cut from them.
 
-Sources, all yielding plain-text documents in a fixed order:
+Sources, all yielding plain-text documents in a fixed order, streamed (memory
+does not grow with the size of the corpus):
 - the reference corpus (default): the running interpreter's standard-library
   sources and its bundled documentation text (`pydoc_data.topics`), which every
   Python install has, so the workbench works offline;
 - a local file: `.txt` (one document per blank-line-separated block), `.jsonl`
   (a `text` field per line), `.parquet` (a `text` column);
-- a Hugging Face dataset name, when the machine can reach the hub or has it cached.
+- a Hugging Face dataset name (`name` or `name:config`): streamed from the hub
+  when the machine can reach it; when it cannot, a copy already in the local
+  datasets cache (`load_dataset` run once on a machine online) is used; with
+  neither, the call fails at once with one line saying what to do instead.
 
 `token_chunks` concatenates documents, each followed by the EOS token, and cuts
 the stream into rows of `context` tokens, each starting with BOS. The order is
@@ -15,8 +19,11 @@ deterministic, so a resumed job can skip the chunks it already has.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import os
 import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -25,6 +32,7 @@ from data import hub_reachable
 from data.tasks import DataError
 
 REFERENCE = "reference"
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "turtledemo", "__pycache__", "lib2to3"}
 
 
@@ -32,16 +40,28 @@ def documents(source: str = REFERENCE, split: str = "all") -> Iterator[str]:
     """Documents of a corpus source: `reference`, a local file path, or a Hugging Face dataset name.
 
     `split` ("all", "train", "heldout") is applied to the reference corpus by a
-    stable hash of each document's name, 1 in 20 held out.
+    stable hash of each document's name, 1 in 20 held out. A hub dataset reads
+    the split of that name ("all" and "train" both mean its `train` split); a
+    local file has no splits and ignores it.
     """
-    if source == REFERENCE:
+    kind = source_kind(source)
+    if kind == "reference":
         yield from reference_documents(split)
-        return
+    elif kind == "file":
+        yield from file_documents(Path(source).expanduser())
+    else:
+        name, _, config = source.partition(":")
+        yield from hub_documents(name, split="train" if split in ("all", "train") else split, config=config or None)
+
+
+def source_kind(source: str) -> str:
+    """'reference', 'file' or 'hub': how `documents` will read `source`."""
+    if source == REFERENCE:
+        return "reference"
     path = Path(source).expanduser()
-    if path.exists() or source.startswith((".", "/", "~")) or path.suffix in (".txt", ".jsonl", ".parquet"):
-        yield from file_documents(path)
-        return
-    yield from hub_documents(source)
+    if path.exists() or source.startswith((".", "/", "~")) or path.suffix.lower() in FILE_SUFFIXES:
+        return "file"
+    return "hub"
 
 
 def reference_documents(split: str = "all") -> Iterator[str]:
@@ -54,6 +74,7 @@ def reference_documents(split: str = "all") -> Iterator[str]:
 
 
 def file_documents(path: Path) -> Iterator[str]:
+    """Documents of a local `.txt`, `.jsonl` or `.parquet` file, read as a stream."""
     if not path.is_file():
         raise DataError(f"corpus file {path} does not exist")
     suffix = path.suffix.lower()
@@ -62,57 +83,70 @@ def file_documents(path: Path) -> Iterator[str]:
     elif suffix == ".parquet":
         yield from _parquet_documents(path)
     else:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        for block in text.split("\n\n"):
-            if block.strip():
-                yield block
+        yield from _text_blocks(path)
 
 
-def hub_documents(name: str, text_field: str = "text") -> Iterator[str]:
-    """Stream a Hugging Face dataset's train split; refuse at once when offline and not cached."""
+def hub_documents(name: str, split: str = "train", text_field: str = "text", config: str | None = None) -> Iterator[str]:
+    """Stream a Hugging Face dataset split: from the hub when reachable, else from the local datasets cache.
+
+    Refuses at once (no retry loop) when the hub is unreachable and the dataset
+    was never loaded on this machine.
+    """
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets comes with transformer-lens
         raise DataError("reading a hub dataset needs the `datasets` package") from e
-    if not hub_reachable():
-        raise DataError(
-            f"corpus {name!r} is not a local file, and the Hugging Face hub cannot be reached from this machine; "
-            "pass a local .txt/.jsonl/.parquet file with --corpus"
-        )
+    label = f"{name}:{config}" if config else name
+    online = hub_reachable()
     try:
-        ds = datasets.load_dataset(name, split="train", streaming=True)
+        with _offline(datasets, not online):
+            # offline: the cached copy is memory-mapped Arrow, iterated without touching the network
+            ds = datasets.load_dataset(name, config, split=split, streaming=online)
+            rows = iter(ds)
+            first = next(rows, None)
     except Exception as e:
+        where = "could not be opened from the hub" if online else (
+            "is not in the local Hugging Face datasets cache, and the hub cannot be reached from this machine")
         raise DataError(
-            f"corpus {name!r} is not a local file and the dataset could not be opened from the hub "
-            f"({' '.join(str(e).split())[:200]}); pass a local .txt/.jsonl/.parquet file with --corpus"
+            f"corpus {label!r} is not a local file and the dataset {where} ({' '.join(str(e).split())[:200]}); "
+            "pass a local .txt/.jsonl/.parquet file with --corpus"
         ) from e
-    for row in ds:
+    if first is not None and text_field not in first:
+        raise DataError(f"dataset {label!r} has no {text_field!r} field (fields: {', '.join(first)})")
+    for row in ([first] if first is not None else []):
+        yield row[text_field]
+    for row in rows:
         yield row[text_field]
 
 
 def token_chunks(tokenizer, docs: Iterable[str], context: int, bos_id: int | None = None, eos_id: int | None = None) -> Iterator[list[int]]:
-    """Rows of exactly `context` token ids: BOS followed by `context - 1` tokens of the document stream."""
+    """Rows of exactly `context` token ids: BOS followed by `context - 1` tokens of the document stream.
+
+    A tokenizer with no BOS token gets rows of `context` stream tokens with no prefix.
+    """
     if context < 2:
         raise DataError(f"context must be at least 2 tokens, got {context}")
     bos = tokenizer.bos_token_id if bos_id is None else bos_id
     eos = tokenizer.eos_token_id if eos_id is None else eos_id
-    body = context - 1
+    prefix = [] if bos is None else [bos]
+    body = context - len(prefix)
     buffer: list[int] = []
     for doc in docs:
         buffer.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         if eos is not None:
             buffer.append(eos)
-        while len(buffer) >= body:
-            yield [bos] + buffer[:body]
-            del buffer[:body]
+        start = 0
+        while len(buffer) - start >= body:
+            yield prefix + buffer[start:start + body]
+            start += body
+        del buffer[:start]
 
 
 def _reference_named() -> Iterator[tuple[str, str]]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not (_SKIP_DIRS & set(p.relative_to(root).parts)))
-    for p in files:
+    for name in _reference_files(str(root)):
         try:
-            yield str(p.relative_to(root)), p.read_text(encoding="utf-8")
+            yield name, (root / name).read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
     try:
@@ -123,8 +157,36 @@ def _reference_named() -> Iterator[tuple[str, str]]:
         yield f"pydoc:{key}", topics[key]
 
 
+@functools.lru_cache(maxsize=4)
+def _reference_files(root: str) -> tuple[str, ...]:
+    """Relative paths of the standard library's .py files in path order, skipping tests and third-party trees.
+
+    The walk prunes the skipped directories instead of listing them (site-packages can be large).
+    """
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in _SKIP_DIRS]
+        rel = os.path.relpath(directory, root)
+        found += [f if rel == "." else os.path.join(rel, f) for f in files if f.endswith(".py")]
+    return tuple(sorted(found, key=lambda name: name.split(os.sep)))
+
+
 def _heldout(name: str) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 20 == 0
+
+
+def _text_blocks(path: Path) -> Iterator[str]:
+    """Blank-line-separated blocks of a text file, one line in memory at a time (plus the current block)."""
+    block: list[str] = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                block.append(line)
+            elif block:
+                yield "".join(block).rstrip("\n")
+                block = []
+    if block:
+        yield "".join(block).rstrip("\n")
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
@@ -154,3 +216,18 @@ def _parquet_documents(path: Path) -> Iterator[str]:
         for text in batch.column(0).to_pylist():
             if text:
                 yield text
+
+
+@contextlib.contextmanager
+def _offline(datasets_module, offline: bool):
+    """Put `datasets` in offline mode for one call, so it reads its cache instead of retrying the network."""
+    if not offline:
+        yield
+        return
+    config = datasets_module.config
+    before = config.HF_HUB_OFFLINE
+    config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        config.HF_HUB_OFFLINE = before

@@ -1,0 +1,323 @@
+"""Activation store: read rate, caching overhead and peak memory, measured side by side in one run.
+
+Three targets (issue 3), each printed as a ratio from this one run:
+
+1. read: streaming a site into training batches (`ActivationStore.batches`,
+   batch 4096, shuffled through the default 128 MiB buffer, and in order) versus
+   reading the same bytes from a raw `.npy` file with `np.load` (target >= 0.60).
+   Also printed: the `.npy` through the store's own shuffling code (random pieces,
+   read-ahead thread, permuted blocks), so only the storage differs. The run is written by the cache job's own segment
+   writer from random rows, so the measurement does not wait on a forward pass.
+   Both files sit in the page cache.
+2. cache: `ActivationStore.cache` end to end (tokenize, forward, copy, finiteness
+   check, write, publish) versus a bare forward pass over the same token rows with
+   the same capture hooks and the same `stop_at_layer` (target <= 1.25).
+3. memory: peak RSS of a caching process and of a streaming process at 100k and 1M
+   tokens (separate subprocesses; target: no growth with tokens).
+
+Rounds alternate between contenders (A B C A B C ...) so load from other processes
+hits them alike; ratios are printed from the medians, and from the best rounds in
+parentheses. On a machine shared with other jobs both move a lot from run to run.
+
+    python benchmarks/store_bench.py [--rounds 5] [--read-rows 400000] [--width 256]
+                                     [--cache-tokens 65536] [--parts read,cache,memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BATCH = 4096
+
+
+def main() -> None:
+    args = _parse()
+    parts = set(args.parts.split(","))
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
+    with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp:
+        tmp = Path(tmp)
+        read = bench_read(tmp, args) if "read" in parts else None
+        cache = bench_cache(tmp, args) if "cache" in parts else None
+        memory = bench_memory(tmp, args) if "memory" in parts else None
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end; ratios from medians (and from best rounds) of alternating rounds")
+    if read:
+        print(f"1. read   : store.batches (shuffled) / np.load  = {_ratio(read, 'shuffled', 'npy')}   (target >= 0.60)")
+        print(f"           store.batches (in order) / np.load  = {_ratio(read, 'ordered', 'npy')}")
+        print(f"           store.batches (shuffled) / .npy through the store's own shuffling = {_ratio(read, 'shuffled', 'npy_shuffled')}")
+    if cache:
+        print(f"2. cache  : store.cache / bare forward with the same hooks = {_ratio(cache, 'forward', 'cache')}   (target <= 1.25)")
+    if memory:
+        for label, (small, large) in (("caching  ", memory["cache"]), ("streaming", memory["stream"])):
+            print(f"3. memory : {label} 1M / 100k tokens: peak RSS {large[0] / small[0]:.2f} ({small[0]:.0f} -> {large[0]:.0f} MiB), "
+                  f"steady RSS {large[1] / small[1]:.2f} ({small[1]:.0f} -> {large[1]:.0f} MiB)   (target: no growth)")
+
+
+def _ratio(times: dict[str, list[float]], a: str, b: str) -> str:
+    """time(b) / time(a): a rate ratio a/b for reads, a cost ratio b/a for caching; median (best)."""
+    median = statistics.median(times[b]) / statistics.median(times[a])
+    best = min(times[b]) / min(times[a])
+    return f"{median:.2f} ({best:.2f})"
+
+
+# ====================================================================== 1. read rate
+def bench_read(tmp: Path, args) -> dict[str, float]:
+    from workbench.store import ActivationStore
+
+    rows, width = args.read_rows, args.width
+    store = ActivationStore(tmp / "read-ws")
+    model = "bench/random-rows"
+    npy = tmp / "rows.npy"
+    write_random_run(store, model, "random", rows, width, npy)
+    mb = rows * width * 4 / 1e6
+    print(f"read: {rows:,} rows x {width} float32 = {mb:.0f} MB; batch {BATCH}")
+
+    def from_npy():
+        np.load(npy)
+
+    def shuffled():
+        for _ in store.batches(model, "x", BATCH):
+            pass
+
+    def ordered():
+        for _ in store.batches(model, "x", BATCH, shuffle=False):
+            pass
+
+    def npy_shuffled():
+        for _ in npy_batches(npy, BATCH, store):
+            pass
+
+    return _rounds({"npy": from_npy, "shuffled": shuffled, "ordered": ordered, "npy_shuffled": npy_shuffled}, args.rounds, mb)
+
+
+def write_random_run(store, model: str, run: str, rows: int, width: int, npy: Path | None = None, context: int = 128) -> None:
+    """A store run of random float32 rows written by the cache job's own segment writer (and the same rows as .npy)."""
+    from workbench.caching import SegmentWriter, writer_memory_limit
+    from workbench.store import RunManifest, run_directory, segment_path
+
+    sequences = rows // context
+    per_segment = max(1, (256 * 2**20) // (context * width * 4))
+    manifest = RunManifest(model, run, ("x",), {"x": (width,)}, "float32", context, "random", "all", "-", per_segment, sequences)
+    directory = run_directory(store.workspace, model, run)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "run.json").write_text(manifest.to_json())
+    out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(sequences * context, width)) if npy else None
+    generator = torch.Generator().manual_seed(0)
+    for first in range(0, sequences, per_segment):
+        end = min(first + per_segment, sequences)
+        writer = SegmentWriter(directory, first, manifest, writer_memory_limit(manifest))
+        for s in range(first, end, 32):
+            n = min(32, end - s)
+            x = torch.randn((n, context, width), generator=generator)  # [batch, pos, width]
+            if out is not None:
+                out[s * context:(s + n) * context] = x.reshape(-1, width).numpy()
+            writer.append(s, torch.zeros((n, context), dtype=torch.long), {"x": x})
+        writer.finish(segment_path(directory, first, end), first, end, after=lambda tokens: None)
+        writer.wait()
+    if out is not None:
+        out.flush()
+        del out
+
+
+def npy_batches(npy: Path, batch: int, store):
+    """The .npy rows through the store's own shuffling (random pieces, read-ahead thread, permuted blocks):
+    only the storage differs (memory-mapped .npy slices instead of DuckDB segments)."""
+    from workbench import streaming
+    from workbench.store import BUFFER_BYTES
+
+    rows = np.load(npy, mmap_mode="r")
+    block = max(8 * batch, BUFFER_BYTES // (rows.shape[1] * 4))
+    piece = -(-block // streaming.PIECES)
+    starts = list(range(0, len(rows), piece))
+    order = torch.randperm(len(starts), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def produce():
+        for g in range(0, len(order), streaming.PIECES):
+            yield (torch.cat([torch.from_numpy(np.array(rows[starts[i]:starts[i] + piece])) for i in order[g:g + streaming.PIECES]]),)
+
+    for (x,) in streaming._gather(streaming.prefetched(produce, depth=1), batch, torch.Generator().manual_seed(1)):
+        yield x
+
+
+# ====================================================================== 2. caching overhead
+def bench_cache(tmp: Path, args) -> dict[str, float]:
+    from data.corpus import documents, token_chunks
+    from workbench.caching import capture
+    from workbench.model import load_model, stop_layer
+    from workbench.store import ActivationStore
+
+    model = load_model(small_model(tmp), device="cpu")
+    n_layers = model.cfg.n_layers
+    layer = max(0, n_layers // 2 - 1)
+    sites = [f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.attn.hook_z"]
+    context, batch = 128, 32
+    sequences = args.cache_tokens // context
+    rows = []
+    for row in token_chunks(model.tokenizer, documents("reference", "train"), context):
+        rows.append(row)
+        if len(rows) == sequences:
+            break
+    tokens = torch.tensor(rows)
+    stop = stop_layer(model, sites)
+    print(f"cache: {model.cfg.model_name} (d_model {model.cfg.d_model}, {n_layers} layers), {tokens.numel():,} tokens, "
+          f"sites {', '.join(sites)}, batch {batch} x {context}, stop_at_layer={stop}")
+
+    def forward():
+        kept = {}
+
+        def hook_for(site):
+            def hook(x, hook):
+                kept[site] = x
+
+            return hook
+
+        with torch.no_grad():
+            for i in range(0, len(tokens), batch):
+                model.run_with_hooks(tokens[i:i + batch], fwd_hooks=[(s, hook_for(s)) for s in sites], stop_at_layer=stop)
+
+    counter = iter(range(10**6))
+
+    def cache():
+        store = ActivationStore(tmp / f"cache-ws-{next(counter)}")
+        store.cache(model, sites, tokens.numel(), context=context, batch_size=batch, progress=False)
+
+    capture(model, tokens[:2], sites, torch.float32, stop)  # warm-up
+    seconds = _rounds({"forward": forward, "cache": cache}, args.rounds, None)
+    rates = {k: tokens.numel() / statistics.median(v) for k, v in seconds.items()}
+    print(f"  (median {rates['forward']:,.0f} tokens/s bare, {rates['cache']:,.0f} tokens/s caching)")
+    return seconds
+
+
+def small_model(tmp: Path) -> str:
+    """The reference model when it is built, else a small random GPT-2 (d_model 256, 4 layers) made here."""
+    from data import bundled_model_dir
+
+    if (bundled_model_dir("ref-gpt2") / "config.json").is_file():
+        return "ref-gpt2"
+    from tests.tiny import build_tiny_model, tiny_tokenizer
+
+    directory = tmp / "small-gpt2"
+    build_tiny_model("gpt2", directory, tiny_tokenizer(), d_model=256, n_layers=4)
+    return str(directory)
+
+
+# ====================================================================== 3. peak memory
+# Peak RSS of this process image: VmHWM, not ru_maxrss (which carries the parent's peak across fork + exec).
+_PEAK = """
+import json, statistics, threading, time
+def _status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+_samples = []
+def _sample():
+    while True:
+        _samples.append(_status("VmRSS:"))
+        time.sleep(0.2)
+threading.Thread(target=_sample, daemon=True).start()
+def peak_mib():
+    return json.dumps([_status("VmHWM:"), statistics.median(_samples[len(_samples) // 2:] or [0])])
+"""
+
+_CACHE_CHILD = _PEAK + """
+import sys
+sys.path.insert(0, {root!r})
+from workbench.model import load_model
+from workbench.store import ActivationStore
+model = load_model({model!r}, device="cpu")
+store = ActivationStore({ws!r})
+store.cache(model, ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"], {tokens}, batch_size=64, progress=False)
+print(peak_mib())
+"""
+
+_STREAM_CHILD = _PEAK + """
+import sys
+sys.path.insert(0, {root!r})
+from workbench.store import ActivationStore
+store = ActivationStore({ws!r})
+rows = 0
+for x in store.batches({model!r}, "x", 4096, buffer_rows=16384):
+    rows += len(x)
+assert rows == {rows}, rows
+print(peak_mib())
+"""
+
+
+def bench_memory(tmp: Path, args) -> dict[str, list[tuple[float, float]]]:
+    """Peak RSS of separate processes: caching 100k and 1M tokens (tiny GPT-2), streaming 100k and 1M rows."""
+    from tests.tiny import build_tiny_model, tiny_tokenizer
+    from workbench.store import ActivationStore
+
+    model_dir = tmp / "tiny-gpt2"
+    build_tiny_model("gpt2", model_dir, tiny_tokenizer())
+    result = {"cache": [], "stream": []}
+    for tokens in (100_000, 1_000_000):
+        ws = tmp / f"mem-cache-{tokens}"
+        start = time.perf_counter()
+        result["cache"].append(_child(_CACHE_CHILD.format(root=str(ROOT), model=str(model_dir), ws=str(ws), tokens=tokens)))
+        peak, steady = result["cache"][-1]
+        print(f"memory: caching {tokens:>9,} tokens (tiny GPT-2, 2 sites): peak RSS {peak:.0f} MiB, "
+              f"steady {steady:.0f} MiB ({time.perf_counter() - start:.0f} s)")
+    for tokens in (100_000, 1_000_000):
+        store = ActivationStore(tmp / f"mem-stream-{tokens}")
+        write_random_run(store, "bench/random-rows", "random", tokens, args.width)
+        rows = tokens // 128 * 128
+        result["stream"].append(_child(_STREAM_CHILD.format(root=str(ROOT), ws=str(store.workspace.root), model="bench/random-rows", rows=rows)))
+        peak, steady = result["stream"][-1]
+        print(f"memory: streaming {rows:>9,} rows x {args.width} (buffer 16,384 rows): peak RSS {peak:.0f} MiB, steady {steady:.0f} MiB")
+    return result
+
+
+def _child(code: str) -> tuple[float, float]:
+    """(peak RSS, median RSS over the second half of the run) of a fresh process, MiB."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    peak, steady = json.loads(out.stdout.strip().splitlines()[-1])
+    return peak, steady
+
+
+# ====================================================================== helpers
+def _rounds(contenders: dict, rounds: int, megabytes: float | None) -> dict[str, list[float]]:
+    """Seconds per round for each contender, rounds alternating (A B C A B C ...) so load from other
+    processes hits them alike; prints best and median (as MB/s when `megabytes` is given)."""
+    times = {name: [] for name in contenders}
+    for fn in contenders.values():  # warm-up: page cache, first-call costs
+        fn()
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    for name, t in times.items():
+        shown = [f"{megabytes / x:.0f}" if megabytes else f"{x:.2f}" for x in (min(t), statistics.median(t))]
+        print(f"  {name:13s} best {shown[0]:>8s}   median {shown[1]:>8s} {'MB/s' if megabytes else 's'}")
+    return times
+
+
+def _parse():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--read-rows", type=int, default=400_000)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--cache-tokens", type=int, default=65_536)
+    parser.add_argument("--parts", default="read,cache,memory", help="comma-separated subset of read,cache,memory")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The activation store against its oracle: a fresh forward pass over the same token rows.
+
+One tiny GPT-2 run (five sites, several segments) is cached once per module;
+each test reads it back a different way. Float32 rows must equal
+`run_with_cache` bitwise; 16-bit rows must equal the same forward pass cast.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from data.corpus import documents, token_chunks
+from workbench.store import ActivationStore
+from workbench.workspace import Workspace
+
+CTX, BATCH, SEGMENT_SEQS, SEQS = 32, 8, 16, 44
+SITES = ["blocks.0.hook_resid_post", "blocks.0.attn.hook_z", "blocks.0.ln2.hook_normalized", "blocks.0.mlp.hook_post",
+         "blocks.0.hook_mlp_out", "blocks.1.hook_resid_pre"]
+WORDS = ("the", "store", "Mary", "John", "went", "gave", "a", "drink", "to", "def", "return", "class", "import",
+         "when", "afterwards", "year", "17", "self", "value", "(", ")", ":", ",", ".")
+
+
+def write_corpus(path, n_docs: int = 60, seed: int = 0):
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))) for _ in range(n_docs)]
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+def expected_tokens(model, corpus, n: int, context: int = CTX) -> torch.Tensor:
+    rows = []
+    for row in token_chunks(model.tokenizer, documents(str(corpus)), context):
+        rows.append(row)
+        if len(rows) == n:
+            break
+    return torch.tensor(rows)
+
+
+def fresh_forward(model, tokens: torch.Tensor, sites, run) -> dict[str, torch.Tensor]:
+    """The oracle: run_with_cache over the same token rows, batched as the cache job batches them
+    (batches start at segment starts), flattened to [rows, width]."""
+    out = {s: [] for s in sites}
+    with torch.no_grad():
+        for seg in run.segments:
+            for start in range(seg.first, seg.end, BATCH):
+                batch = tokens[start:min(start + BATCH, seg.end)]
+                _, cache = model.run_with_cache(batch, names_filter=lambda name: name in sites)
+                for s in sites:
+                    out[s].append(cache[s].reshape(batch.numel(), -1))
+    return {s: torch.cat(v) for s, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "words.txt")
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, tiny_model, corpus):
+    store = ActivationStore(tmp_path_factory.mktemp("store") / "ws")
+    result = store.cache(tiny_model, SITES, SEQS * CTX - 5, corpus=str(corpus), context=CTX, batch_size=BATCH,
+                         segment_tokens=SEGMENT_SEQS * CTX, progress=False)
+    run = store.run(tiny_model, SITES)
+    tokens = expected_tokens(tiny_model, corpus, SEQS)
+    return store, result, run, tokens, fresh_forward(tiny_model, tokens, SITES, run)
+
+
+def scan_all(store, model, site, rows=100, **kw):
+    parts = list(store.scan(model, site, rows, **kw))
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def test_round_trip_equals_fresh_forward_bitwise(cached, tiny_model):
+    store, result, run, tokens, oracle = cached
+    assert result.rows == SEQS * CTX and result.sequences == SEQS and result.complete and not result.short
+    assert [(s.first, s.end) for s in run.segments] == [(0, 16), (16, 32), (32, 44)]
+    assert torch.equal(store.tokens(tiny_model, torch.arange(SEQS)), tokens)
+    for site in SITES:
+        seq, pos, acts = scan_all(store, tiny_model, site)
+        assert torch.equal(seq, torch.arange(SEQS).repeat_interleave(CTX)) and torch.equal(pos, torch.arange(CTX).repeat(SEQS))
+        assert acts.dtype == torch.float32 and torch.equal(acts, oracle[site]), site
+
+
+def test_per_head_site_keeps_its_shape(cached, tiny_model):
+    store, _, _, _, oracle = cached
+    catalog = store.catalog().set_index("site")
+    z = catalog.loc["blocks.0.attn.hook_z"]
+    n_heads, d_head = tiny_model.cfg.n_heads, tiny_model.cfg.d_head
+    assert list(z["shape"]) == [n_heads, d_head] and z["width"] == n_heads * d_head
+    _, _, acts = scan_all(store, tiny_model, "blocks.0.attn.hook_z")
+    head = 2  # row-major flattening: head h is columns [h * d_head, (h + 1) * d_head)
+    torch.testing.assert_close(acts.view(-1, n_heads, d_head)[:, head], oracle["blocks.0.attn.hook_z"].view(-1, n_heads, d_head)[:, head], rtol=0, atol=0)
+
+
+class RowIndex:
+    """Oracle rows by value; rows that repeat (position 0 holds the same BOS activation in every sequence) get
+    their indices handed out one by one, so an epoch that covers every row exactly once empties the index."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.free: dict[bytes, list[int]] = {}
+        for i, row in enumerate(rows):
+            self.free.setdefault(row.numpy().tobytes(), []).append(i)
+        self.free_all = {k: list(v) for k, v in self.free.items()}
+
+    def take(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.free[row.numpy().tobytes()].pop(0) for row in batch])
+
+    def empty(self) -> bool:
+        return not any(self.free.values())
+
+
+def test_sites_share_keys_and_pairs_line_up(cached, tiny_model):
+    """Transcoder pairs: every (x_in, x_out) in a shuffled epoch is the same token row of both sites."""
+    store, _, _, _, oracle = cached
+    mlp_in, mlp_out = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
+    keys = [scan_all(store, tiny_model, s)[:2] for s in SITES]
+    assert all(torch.equal(k[0], keys[0][0]) and torch.equal(k[1], keys[0][1]) for k in keys)
+    for target in (mlp_out, "blocks.0.mlp.hook_post"):  # same width, and 4x wider
+        index = RowIndex(oracle[mlp_in])
+        for x_in, x_out in store.pairs(tiny_model, mlp_in, target, 50, buffer_rows=300, seed=3):
+            assert x_out.shape[1] == oracle[target].shape[1]
+            assert torch.equal(x_out, oracle[target][index.take(x_in)])
+        assert index.empty()
+    # the residual stream leaving block 0 is the one entering block 1: same rows, same values, same shuffle
+    post = store.batches(tiny_model, "blocks.0.hook_resid_post", 64, seed=5)
+    pre = store.batches(tiny_model, "blocks.1.hook_resid_pre", 64, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(post, pre, strict=True))
+
+
+def test_shuffled_epoch_covers_every_row_exactly_once(cached, tiny_model):
+    store, _, _, _, oracle = cached
+    site = "blocks.0.hook_resid_post"
+    n = SEQS * CTX
+
+    def epoch(**kw):
+        index = RowIndex(oracle[site])
+        batches = list(store.batches(tiny_model, site, 64, **kw))
+        rows = torch.cat([index.take(b) for b in batches])
+        return batches, rows, index
+
+    batches, rows, index = epoch(buffer_rows=200, seed=1)
+    assert index.empty() and torch.equal(rows.sort().values, torch.arange(n))
+    assert [len(b) for b in batches] == [64] * (n // 64) + ([n % 64] if n % 64 else [])
+    assert not torch.equal(rows, torch.arange(n))
+    again = torch.cat(list(store.batches(tiny_model, site, 64, buffer_rows=200, seed=1)))
+    assert torch.equal(again, torch.cat(batches))  # seeded: the same epoch again
+    assert not torch.equal(torch.cat(list(store.batches(tiny_model, site, 64, buffer_rows=200, seed=2))), again)
+    # a buffer of 200 rows bounds the mixing: a block is 8 pieces of 25 consecutive rows of a segment taken from
+    # random places, so a batch draws from at most 2 blocks (16 pieces), and from several places at once
+    seg_rows = SEGMENT_SEQS * CTX
+    piece = (rows // seg_rows) * 1000 + (rows % seg_rows) // 25
+    unique = torch.tensor([len(index.free_all[oracle[site][r].numpy().tobytes()]) == 1 for r in rows])  # repeated rows are ambiguous
+    spread = [len(set(piece[i:i + 64][unique[i:i + 64]].tolist())) for i in range(0, n, 64)]
+    assert max(spread) <= 16 and min(spread[:-1]) >= 3, spread
+    # the default buffer holds this whole run: one full permutation
+    assert epoch()[2].empty()
+    # row selection and drop_last
+    _, part, index = epoch(start_row=100, max_rows=500, buffer_rows=128, seed=4)
+    once = {i for i in range(n) if len(index.free_all[oracle[site][i].numpy().tobytes()]) == 1}
+    assert len(part) == 500 and set(part.tolist()) & once == set(range(100, 600)) & once
+    full, kept, _ = epoch(drop_last=True, buffer_rows=200)
+    assert all(len(b) == 64 for b in full) and len(kept) == n // 64 * 64
+    # in order: exactly the store order
+    ordered = torch.cat(list(store.batches(tiny_model, site, 100, shuffle=False)))
+    assert torch.equal(ordered, oracle[site])
+
+
+def test_requested_dtype_and_device(cached, tiny_model):
+    store, _, _, _, oracle = cached
+    site = "blocks.0.hook_mlp_out"
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        batch = next(store.batches(tiny_model, site, 32, dtype=dtype, device="cpu", shuffle=False))
+        assert batch.dtype == dtype and batch.device.type == "cpu"
+        assert torch.equal(batch, oracle[site][:32].to(dtype))
+    if torch.cuda.is_available():  # pragma: no cover - CI has no GPU
+        batch = next(store.batches(tiny_model, site, 32, device="cuda", shuffle=False))
+        assert batch.is_cuda and torch.equal(batch.cpu(), oracle[site][:32])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_sixteen_bit_storage_equals_the_forward_pass_cast(tmp_path, tiny_model, corpus, dtype):
+    store = ActivationStore(tmp_path / "ws")
+    sites = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    result = store.cache(tiny_model, sites, 10 * CTX, corpus=str(corpus), context=CTX, dtype=dtype, batch_size=BATCH, progress=False)
+    assert result.run == f"words-ctx{CTX}-{dtype}" and result.dtype == dtype
+    run = store.run(tiny_model, sites)
+    oracle = fresh_forward(tiny_model, expected_tokens(tiny_model, corpus, 10), sites, run)
+    torch_dtype = getattr(torch, dtype)
+    for site in sites:
+        _, _, stored = scan_all(store, tiny_model, site, dtype=torch_dtype)
+        assert torch.equal(stored, oracle[site].to(torch_dtype))
+    import duckdb  # on disk: the raw 16-bit values (2 bytes each), not floats
+
+    with duckdb.connect(str(run.segments[0].path), read_only=True) as con:
+        types = dict(con.execute("SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = 'activations'").fetchall())
+    assert types["blocks.1.hook_mlp_out"] == "USMALLINT[32]"
+    # SQL users get floats back: the view decodes the raw 16-bit values
+    frame = store.sql('SELECT seq_id, pos, "blocks.1.hook_mlp_out" AS x FROM activations ORDER BY seq_id, pos', model=tiny_model)
+    decoded = torch.tensor(np.stack(frame["x"].to_numpy()))
+    assert torch.equal(decoded, oracle["blocks.1.hook_mlp_out"].to(torch_dtype).float())
+
+
+def test_catalog_tokens_and_sql(cached, tiny_model):
+    store, _, run, tokens, oracle = cached
+    catalog = store.catalog()
+    assert sorted(catalog["site"]) == sorted(SITES)
+    row = catalog.set_index("site").loc["blocks.0.hook_mlp_out"]
+    assert (row["width"], row["dtype"], row["rows"], row["context"], row["complete"]) == (32, "float32", SEQS * CTX, CTX, True)
+    assert row["corpus"].endswith("words.txt") and row["model"] == run.manifest.model
+    # the app's view: catalog and tokens through Workspace.sql, no store code involved
+    ws = Workspace(store.workspace.root)
+    mirrored = ws.sql("SELECT site, width, rows FROM activation_catalog ORDER BY site")
+    assert mirrored["rows"].tolist() == [SEQS * CTX] * len(SITES)
+    window = ws.sql("SELECT token FROM activation_tokens WHERE run = ? AND seq_id = 7 ORDER BY pos", [run.name])
+    assert window["token"].tolist() == tokens[7].tolist()
+    assert ws.sql("SELECT count(*) AS n, count(DISTINCT (seq_id, pos)) AS k FROM activation_tokens").iloc[0].tolist() == [SEQS * CTX] * 2
+    # ad-hoc SQL over activations: the top rows of one unit, checked against the oracle
+    top = store.sql('SELECT seq_id, pos, token, "blocks.0.hook_mlp_out"[3] AS a FROM activations ORDER BY a DESC LIMIT 5', model=tiny_model)
+    values = oracle["blocks.0.hook_mlp_out"][:, 2]  # SQL arrays are 1-based
+    assert np.allclose(top["a"].to_numpy(), values.topk(5).values.numpy(), rtol=0, atol=0)
+    rows = top["seq_id"].to_numpy() * CTX + top["pos"].to_numpy()
+    assert top["token"].tolist() == tokens.reshape(-1)[rows].tolist()
+
+
+def test_progress_record(cached, tiny_model):
+    store, _, run, _, _ = cached
+    record = store.progress(tiny_model, run.name)
+    assert record["status"] == "done" and record["rows_published"] == SEQS * CTX and record["segments"] == 3
+    assert record["alive"] is False and record["sites"] == SITES
+
+
+def test_stopping_early_stops_the_read_ahead_thread(cached, tiny_model):
+    import threading
+
+    store = cached[0]
+    before = {t.ident for t in threading.enumerate()}
+    for shuffle in (True, False):
+        batches = store.batches(tiny_model, "blocks.0.hook_mlp_out", 16, shuffle=shuffle, buffer_rows=64)
+        next(batches)
+        batches.close()
+    assert {t.ident for t in threading.enumerate()} == before

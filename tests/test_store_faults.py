@@ -1,0 +1,219 @@
+"""The store under real faults and real concurrency: killed processes, a reader during a write, a full disk, a corrupt file.
+
+Every check ends with the oracle: the run's rows equal a fresh forward pass over
+the same token rows, every sequence present exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+import torch
+
+from tests.test_store import expected_tokens, scan_all, write_corpus
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.store import ActivationStore, list_segments
+from workbench.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+CTX, BATCH = 32, 4
+SITES = ["blocks.0.hook_resid_post", "blocks.0.attn.hook_z", "blocks.1.hook_mlp_out"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "words.txt", n_docs=120)
+
+
+def argv(ws: Path, model_dir, corpus, sequences: int, segment_sequences: int) -> list[str]:
+    return ["cache", "--workspace", str(ws), "--model", str(model_dir), "--sites", ",".join(SITES),
+            "--tokens", str(sequences * CTX), "--corpus", str(corpus), "--context", str(CTX),
+            "--batch-size", str(BATCH), "--segment-tokens", str(segment_sequences * CTX), "--json"]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(torch.get_num_threads()))
+    return subprocess.Popen([sys.executable, "-m", "workbench", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run_in_process(args: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(args)
+    return code, err.getvalue()
+
+
+def run_dir(ws: Path) -> Path:
+    (directory,) = (ws / "store").glob("*/words-ctx32")
+    return directory
+
+
+def wait_for_segments(proc: subprocess.Popen, ws: Path, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the cache job ended (status {proc.returncode}) before {n} segments: {proc.stderr.read()[-1500:]}")
+        dirs = list((ws / "store").glob("*/words-ctx32"))
+        if dirs and len(list_segments(dirs[0])) >= n:
+            return
+        time.sleep(0.005)
+    raise AssertionError("timed out waiting for segments")
+
+
+def assert_matches_fresh_forward(model, corpus, ws: Path, sequences: int) -> None:
+    """Every sequence 0..n-1 exactly once, tokens as the corpus gives them, values bitwise a fresh forward pass."""
+    store = ActivationStore(ws)
+    run = store.run(model, SITES)
+    assert run.sequences == sequences and run.complete
+    assert [s.first for s in run.segments[1:]] == [s.end for s in run.segments[:-1]] and run.segments[0].first == 0
+    assert not list(run.directory.glob(".seg-*")), "temporary files left behind"
+    tokens = expected_tokens(model, corpus, sequences)
+    assert torch.equal(store.tokens(model, torch.arange(sequences)), tokens)
+    for site in SITES:
+        seq, pos, acts = scan_all(store, model, site, rows=500)
+        assert torch.equal(seq, torch.arange(sequences).repeat_interleave(CTX)) and torch.equal(pos, torch.arange(CTX).repeat(sequences))
+        expected = []
+        with torch.no_grad():
+            for seg in run.segments:
+                for a in range(seg.first, seg.end, BATCH):
+                    _, cache = model.run_with_cache(tokens[a:min(a + BATCH, seg.end)], names_filter=[site])
+                    expected.append(cache[site].flatten(0, 1).flatten(1))
+        assert torch.equal(acts, torch.cat(expected)), site
+    mirrored = Workspace(ws).sql("SELECT count(*) AS n, count(DISTINCT (seq_id, pos)) AS k FROM activation_tokens")
+    assert mirrored.iloc[0].tolist() == [sequences * CTX] * 2
+
+
+def test_resume_after_ctrl_c_and_after_sigkill(tmp_path, model_dirs, tiny_model, corpus):
+    """Ctrl-C, then SIGKILL of the resumed job, then the same command once more: every row exactly once."""
+    ws, sequences = tmp_path / "ws", 28
+    args = argv(ws, model_dirs["gpt2"], corpus, sequences, segment_sequences=2)
+    proc = start(args)
+    wait_for_segments(proc, ws, 2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    # Ctrl-C: the job stops cleanly, deletes its unfinished segment and says how to resume
+    assert proc.returncode == 130 and "interrupted" in err and "re-run" in err, err[-2000:]
+    assert not list(run_dir(ws).glob(".seg-*"))
+    first = {s.path.name: s.path.stat().st_mtime_ns for s in list_segments(run_dir(ws))}
+    assert 2 <= len(first) < sequences // 2, "the interrupt must land mid-run"
+    proc = start(args)  # the same command resumes ... and is killed outright
+    wait_for_segments(proc, ws, len(first) + 2)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    second = {s.path.name: s.path.stat().st_mtime_ns for s in list_segments(run_dir(ws))}
+    assert len(first) + 2 <= len(second) < sequences // 2, "the kill must land mid-run"
+    code, err = run_in_process(args)  # and once more, to the end
+    assert code == 0, err
+    assert_matches_fresh_forward(tiny_model, corpus, ws, sequences)
+    after = {s.path.name: s.path.stat().st_mtime_ns for s in list_segments(run_dir(ws))}
+    assert all(after[name] == mtime for name, mtime in second.items()), "finished segments must not be rewritten"
+
+
+def test_reader_open_during_a_write(tmp_path, model_dirs, tiny_model, corpus):
+    """A reader (this process) holds a DuckDB connection open and reads continuously while the job writes:
+    neither fails, and every read is whole segments that equal the final result."""
+    ws, sequences = tmp_path / "ws", 24
+    proc = start(argv(ws, model_dirs["gpt2"], corpus, sequences, segment_sequences=2))
+    wait_for_segments(proc, ws, 1)
+    first = list_segments(run_dir(ws))[0].path
+    held = duckdb.connect(str(first), read_only=True)  # like an app that never lets go
+    store, seen = ActivationStore(ws), []
+    try:
+        while proc.poll() is None:
+            run = store.run(tiny_model, SITES)
+            seq, _, acts = scan_all(store, tiny_model, SITES[0], rows=256, run=run.name)
+            assert len(seq) == run.rows and run.sequences % 2 == 0  # whole segments only
+            assert torch.equal(seq, torch.arange(run.sequences).repeat_interleave(CTX))
+            catalog = Workspace(ws).sql("SELECT DISTINCT rows FROM activation_catalog")
+            assert len(catalog) == 1
+            seen.append((run.sequences, acts))
+            held.execute("SELECT count(*) FROM activations").fetchall()
+    finally:
+        held.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert len({n for n, _ in seen}) >= 3, "the reader should have seen the run grow"
+    assert_matches_fresh_forward(tiny_model, corpus, ws, sequences)
+    _, _, final = scan_all(store, tiny_model, SITES[0])
+    assert all(torch.equal(acts, final[:len(acts)]) for _, acts in seen)
+
+
+def test_disk_full_keeps_earlier_data_and_resumes(tmp_path, model_dirs, tiny_model, corpus):
+    """A real file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as on a full disk) on this process."""
+    ws = tmp_path / "ws"
+    code, err = run_in_process(argv(ws, model_dirs["gpt2"], corpus, 8, segment_sequences=2))
+    assert code == 0, err
+    store = ActivationStore(ws)
+    before = scan_all(store, tiny_model, SITES[1])
+    files = {p: p.read_bytes() for p in run_dir(ws).iterdir()}
+    # extend the run with the limit below one segment file: the first new segment cannot be written
+    with file_size_limit(192 * 1024):
+        code, err = run_in_process(argv(ws, model_dirs["gpt2"], corpus, 24, segment_sequences=2))
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("error: disk full") and "re-run" in last, err[-2000:]
+    assert all(p.read_bytes() == data for p, data in files.items() if p.name != "run.json")
+    assert not list(run_dir(ws).glob(".seg-*"))
+    after = scan_all(store, tiny_model, SITES[1])
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    code, err = run_in_process(argv(ws, model_dirs["gpt2"], corpus, 24, segment_sequences=2))
+    assert code == 0, err
+    assert_matches_fresh_forward(tiny_model, corpus, ws, 24)
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_corrupt_segment_gives_a_clear_error_and_the_rest_stays_readable(tmp_path, model_dirs, tiny_model, corpus):
+    ws = tmp_path / "ws"
+    args = argv(ws, model_dirs["gpt2"], corpus, 12, segment_sequences=4)
+    assert run_in_process(args)[0] == 0
+    store = ActivationStore(ws)
+    good = scan_all(store, tiny_model, SITES[0])
+    segments = list_segments(run_dir(ws))
+    bad = segments[1].path
+    with duckdb.connect(str(bad), read_only=True) as con:  # where the site's first data block lies
+        block, size = con.execute("SELECT min(block_id), any_value(current_setting('default_block_size')) FROM "
+                                  "pragma_storage_info('activations') WHERE column_name = ? AND segment_type = 'FLOAT'",
+                                  [SITES[0]]).fetchone()
+    with open(bad, "r+b") as f:  # damage it (after the three 4 KiB file headers)
+        f.seek(3 * 4096 + block * int(size) + 1024)
+        f.write(os.urandom(256))
+    with pytest.raises(WorkbenchError) as e:
+        list(store.batches(tiny_model, SITES[0], 64))
+    message = str(e.value)
+    assert bad.name in message and "delete this file and re-run" in message and "\n" not in message
+    rows = segments[0].rows(CTX)  # the segment before it reads back unchanged
+    head = scan_all(store, tiny_model, SITES[0], max_rows=rows)
+    assert torch.equal(head[2], good[2][:rows])
+    tail = scan_all(store, tiny_model, SITES[0], start_row=2 * rows)
+    assert torch.equal(tail[2], good[2][2 * rows:])
+    assert len(Workspace(ws).sql("SELECT * FROM activation_catalog")) == len(SITES)
+    # a damaged header is caught when the job checks its segments
+    with open(bad, "r+b") as f:
+        f.write(b"\0" * 64)
+    code, err = run_in_process(args)
+    assert code == 1 and bad.name in err and "delete" in err
+    # doing what the message says recomputes exactly the missing sequences
+    bad.unlink()
+    assert run_in_process(args)[0] == 0
+    assert_matches_fresh_forward(tiny_model, corpus, ws, 12)

@@ -1,0 +1,846 @@
+"""Caching activations into the store, and the `cache` command.
+
+    python -m workbench cache --model M --sites blocks.0.hook_resid_post,blocks.0.attn.hook_z --tokens 1M
+
+What one cache job does (the layout and the reading side are in `workbench.store`):
+
+1. Check the request: known per-token sites (`check_sites` lists the valid ones),
+   a positive token count, a context the model accepts, a storage dtype. The run
+   name defaults to one derived from the corpus, split, context and dtype.
+2. Take the job lock of (model, run), so two jobs never write one run.
+3. Reconcile with the run's manifest: a new run writes one; an existing run must
+   hold the same sites with the same shapes (a width that changed means a
+   different model under the same name: refused), dtype, context, corpus and
+   tokenizer; a larger token count extends it.
+4. Tidy what a killed job left: temporary segment files are deleted (they were
+   never visible); every published segment is opened and its row count checked;
+   the workspace mirrors (catalog and token shards) are rewritten to match.
+5. Stream token rows from the corpus in their fixed order, skip the sequences
+   already published (checking that the last of them still tokenizes the same),
+   and fill each missing range segment by segment: a forward pass per batch of
+   sequences with one capture hook per site and `stop_at_layer` past the deepest
+   site; refuse non-finite values (naming the site and rows); convert to the
+   storage dtype; hand the rows to a writer thread that inserts them into the
+   segment's private DuckDB file inside one transaction, overlapping the next
+   forward pass. A full segment is committed, checkpointed, closed and renamed
+   into place; then its token shard, the catalog shard and the progress JSON follow.
+6. A corpus shorter than asked for is said so on stderr; what it had is cached.
+
+Interrupting (Ctrl-C, SIGKILL, a full disk) loses at most the segment in flight:
+re-running the same command resumes there, with no row duplicated or missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import hashlib
+import itertools
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from workbench.errors import WorkbenchError
+from workbench.store import (
+    CATALOG_TABLE,
+    STORAGE,
+    TOKENS_TABLE,
+    ActivationStore,
+    RunManifest,
+    Segment,
+    catalog_rows,
+    job_name,
+    list_segments,
+    model_name,
+    open_segment,
+    read_manifest,
+    run_directory,
+    run_key,
+    segment_path,
+    storage_name,
+)
+from workbench.workspace import atomic_write_text, check_name
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from transformer_lens.model_bridge import TransformerBridge
+
+DEFAULT_CONTEXT = 128
+DEFAULT_BATCH = 32  # sequences per forward pass
+SEGMENT_BYTES = 256 * 2**20  # activation bytes per segment file (the unit of resume)
+PROGRESS_EVERY = 1.0  # seconds between progress-file updates
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    """What a cache job did; `rows` and `sequences` count the whole run, `new_rows` this job's share."""
+
+    model: str
+    run: str
+    sites: tuple[str, ...]
+    rows: int
+    sequences: int
+    new_rows: int
+    segments: int
+    dtype: str
+    context: int
+    corpus: str
+    split: str
+    complete: bool
+    short: bool  # the corpus ran out before the requested tokens
+    seconds: float
+    path: str
+    message: str
+
+    def summary(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def cache_activations(store: ActivationStore, model, sites: Sequence[str] | str, n_tokens: int, *,
+                      corpus: str = "reference", context: int = DEFAULT_CONTEXT, dtype: str | torch.dtype = "float32",
+                      run: str | None = None, batch_size: int = DEFAULT_BATCH, split: str | None = None,
+                      segment_tokens: int | None = None, progress: bool = True, device=None) -> CacheResult:
+    """Cache `n_tokens` (rounded up to whole sequences of `context`) of `corpus` through `model` at `sites`."""
+    from workbench.model import load_model, site_info
+
+    sites = _parse_sites(sites)
+    _check_count(n_tokens, "the number of tokens to cache (--tokens)")
+    _check_count(batch_size, "batch_size")
+    storage = storage_name(dtype)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(str(model), device=device)
+    _check_context(model, context)
+    infos = site_info(model, sites)
+    corpus = _canonical_corpus(corpus)
+    split = split or default_split(corpus)
+    run = run or default_run_name(corpus, context, storage, split)
+    if len(check_name(run, "run name")) > 50:
+        raise WorkbenchError(f"run name {run!r} is longer than 50 characters")
+    name = model_name(model)
+    shapes = {s: tuple(infos[s].shape) for s in sites}
+    row_bytes = sum(infos[s].width for s in sites) * STORAGE[storage].itemsize
+    per_segment = max(1, (segment_tokens or SEGMENT_BYTES // row_bytes) // context)
+    wanted = RunManifest(name, run, tuple(sites), shapes, storage, context, corpus, split, tokenizer_fingerprint(model.tokenizer),
+                         per_segment, math.ceil(n_tokens / context))
+    try:
+        with store.workspace.job_lock(job_name(name, run)):
+            job = _CacheJob(store, model, wanted, batch_size, progress)
+            return job.execute()
+    except Exception as e:
+        if _is_interrupt(e):  # Ctrl-C that landed inside a DuckDB call comes back as DuckDB's own error
+            raise KeyboardInterrupt from e
+        raise
+
+
+def _canonical_corpus(corpus: str) -> str:
+    """A local corpus file as an absolute path (so `notes.txt` and `./notes.txt` name one run); others unchanged."""
+    from data.corpus import source_kind
+
+    if not isinstance(corpus, str) or not corpus:
+        raise WorkbenchError(f"corpus must be 'reference', a file path or a dataset name, got {corpus!r}")
+    return str(Path(corpus).expanduser().resolve()) if source_kind(corpus) == "file" else corpus
+
+
+def default_split(corpus: str) -> str:
+    from data.corpus import source_kind
+
+    return "all" if source_kind(corpus) == "file" else "train"
+
+
+def default_run_name(corpus: str, context: int, dtype: str, split: str) -> str:
+    """`reference`, `<file stem>` or `<dataset>`, with the split, context and dtype appended when not the defaults."""
+    from data.corpus import source_kind
+
+    kind = source_kind(corpus)
+    base = {"reference": "reference", "file": Path(corpus).stem}.get(kind) or corpus.split("/")[-1]
+    parts = [re.sub(r"[^A-Za-z0-9_.\-]+", "-", base).strip("._-")[:40] or "corpus"]
+    if split != default_split(corpus):
+        parts.append(split)
+    if context != DEFAULT_CONTEXT:
+        parts.append(f"ctx{context}")
+    if dtype != "float32":
+        parts.append(dtype)
+    return "-".join(parts)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of what the tokenizer does to a probe text, so a resume cannot splice two token streams."""
+    probe = "def f(x):\n    return x + 1  # Mary and John went to the store in 1987; ünïcode, 中文."
+    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    blob = json.dumps([type(tokenizer).__name__, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, ids])
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+# ====================================================================== one job
+class _CacheJob:
+    """One cache job on one run, run under the run's job lock."""
+
+    def __init__(self, store: ActivationStore, model: "TransformerBridge", wanted: RunManifest, batch_size: int, progress: bool):
+        from workbench.model import stop_layer
+
+        self.store, self.model, self.batch_size, self.show_progress = store, model, batch_size, progress
+        self.workspace = store.workspace
+        self.directory = run_directory(self.workspace, wanted.model, wanted.run)
+        self.manifest = self._reconcile(wanted)
+        self.stop = stop_layer(model, list(self.manifest.sites))
+        self.started = time.time()
+        self.new_rows = 0
+        self.bar = None
+        self.last_report = 0.0
+
+    def execute(self) -> CacheResult:
+        m = self.manifest
+        self._tidy()
+        segments = self._verify_published()
+        self._refresh_mirrors(segments)
+        pieces = _missing_pieces(segments, _wanted_sequences(m), m.segment_sequences)
+        if not pieces:
+            return self._result(segments, short=False, message="already cached; nothing to do")
+        before = [s for s in segments if s.end <= pieces[0][0]]
+        check = before[-1] if before else None
+        self._report("running", segments)
+        try:
+            exhausted_at = self._compute(pieces, check)
+        except BaseException as e:
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) or _is_interrupt(e) else "failed"
+            self._report(status, list_segments(self.directory), message=_one_line(e))
+            if self.created and not list_segments(self.directory):
+                self._discard_new_run()
+            raise
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        segments = list_segments(self.directory)
+        message, short = "", False
+        if exhausted_at is not None:
+            self.manifest = replace(self.manifest, exhausted_at=exhausted_at)
+            _write_manifest(self.directory, self.manifest)
+            self._write_catalog(segments)
+            if exhausted_at < m.target_sequences:
+                short = True
+                message = (f"corpus {m.corpus!r} ({m.split}) holds only {exhausted_at * m.context:,} tokens "
+                           f"({exhausted_at:,} sequences of {m.context}), fewer than the {m.target_sequences * m.context:,} "
+                           "requested; cached what there is")
+                print(f"warning: {message}", file=sys.stderr)
+        self._report("done", segments, message=message)
+        return self._result(segments, short, message)
+
+    # ------------------------------------------------------------------ manifest
+    def _reconcile(self, wanted: RunManifest) -> RunManifest:
+        """The manifest this job works to: the wanted one for a new run, the stored one (maybe extended) otherwise."""
+        self._check_widths(wanted)
+        path = self.directory / "run.json"
+        self.created = not path.exists()
+        if self.created:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _write_manifest(self.directory, wanted)
+            return wanted
+        stored = read_manifest(path)
+        for field_name, label in (("sites", "sites"), ("dtype", "dtype"), ("context", "context"), ("corpus", "corpus"),
+                                  ("split", "split"), ("tokenizer", "tokenizer")):
+            old, new = getattr(stored, field_name), getattr(wanted, field_name)
+            if (sorted(old) != sorted(new)) if field_name == "sites" else (old != new):  # sites in any order
+                raise WorkbenchError(
+                    f"run {stored.run!r} of {stored.model!r} was cached with {label} {_show(old)}, not {_show(new)}; "
+                    f"repeat its settings to resume or extend it, or pass --run NAME to start another run"
+                )
+        published = sum(s.end - s.first for s in list_segments(self.directory))
+        target = max(wanted.target_sequences, published)
+        if target != stored.target_sequences:
+            stored = replace(stored, target_sequences=target)
+            _write_manifest(self.directory, stored)
+        return stored
+
+    def _check_widths(self, wanted: RunManifest) -> None:
+        """Refuse a site whose per-token shape differs from any table already cached for this model."""
+        for other in self.store.runs(wanted.model):
+            for site, shape in wanted.shapes.items():
+                old = other.manifest.shapes.get(site)
+                if old is not None and tuple(old) != tuple(shape):
+                    raise WorkbenchError(
+                        f"site {site} of model {wanted.model!r} is already cached with width {int(np.prod(old))} "
+                        f"(shape {list(old)}, run {other.name!r}) but this model gives width {int(np.prod(shape))} "
+                        f"(shape {list(shape)}): is it a different model under the same name? remove {other.directory} "
+                        "or load the model under another name"
+                    )
+
+    def _discard_new_run(self) -> None:
+        """Remove a run this job created and could not fill (no segment): it never held data."""
+        shard = self.workspace.tables_dir / CATALOG_TABLE / f"{run_key(self.manifest.model, self.manifest.run)}.parquet"
+        shard.unlink(missing_ok=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the model directory, when this was its only run
+            self.directory.parent.rmdir()
+            self.workspace.store_dir.rmdir()
+
+    # ------------------------------------------------------------------ tidying and checking
+    def _tidy(self) -> None:
+        """Delete the temporary files a killed job left (never visible to readers)."""
+        for leftover in self.directory.glob(".seg-*"):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        key = re.escape(run_key(self.manifest.model, self.manifest.run))
+        for table in (TOKENS_TABLE, CATALOG_TABLE):
+            folder = self.workspace.tables_dir / table
+            if folder.is_dir():
+                for leftover in folder.glob(".*.tmp"):
+                    if re.match(rf"^\.{key}\.", leftover.name):
+                        leftover.unlink(missing_ok=True)
+
+    def _verify_published(self) -> list[Segment]:
+        """Open every published segment and check it holds the rows its name promises."""
+        segments = list_segments(self.directory)
+        ctx = self.manifest.context
+        for a, b in itertools.pairwise(segments):
+            if b.first < a.end:
+                raise WorkbenchError(f"segments {a.path.name} and {b.path.name} overlap; remove the one you did not expect")
+        for seg in segments:
+            with open_segment(seg) as con:
+                (count,) = con.execute("SELECT count(*) FROM activations").fetchone()
+                columns = [r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE database_name = 'seg' "
+                                                     "AND table_name = 'activations' ORDER BY column_index").fetchall()]
+            if count != seg.rows(ctx) or columns[3:] != list(self.manifest.sites):
+                raise WorkbenchError(
+                    f"segment file {seg.path} holds {count} rows of {columns[3:]}, expected {seg.rows(ctx)} of "
+                    f"{list(self.manifest.sites)}; delete it and re-run the same command to recompute it"
+                )
+        return segments
+
+    def _refresh_mirrors(self, segments: list[Segment]) -> None:
+        """Make the workspace's token shards and catalog shard match the published segments."""
+        key = run_key(self.manifest.model, self.manifest.run)
+        folder = self.workspace.tables_dir / TOKENS_TABLE
+        expected = {f"{key}.{s.first:09d}-{s.end:09d}.parquet": s for s in segments}
+        pattern = re.compile(rf"^{re.escape(key)}\.\d+-\d+\.parquet$")
+        if folder.is_dir():
+            for shard in folder.glob("*.parquet"):
+                if pattern.match(shard.name) and shard.name not in expected:
+                    shard.unlink(missing_ok=True)
+        for shard_name, seg in expected.items():
+            if not (folder / shard_name).exists():
+                self._write_token_shard(seg)
+        self._write_catalog(segments)
+
+    # ------------------------------------------------------------------ computing
+    def _compute(self, pieces: list[tuple[int, int]], check: Segment | None) -> int | None:
+        """Fill `pieces` (sequence ranges) from the corpus; return where the corpus ran out, or None.
+
+        A finished segment is published by its writer's thread while the next one is
+        computed; at most one segment is publishing at a time.
+        """
+        self._open_bar(sum(b - a for a, b in pieces) * self.manifest.context)
+        writer: SegmentWriter | None = None
+        publishing: SegmentWriter | None = None
+        batch: list[list[int]] = []
+        try:
+            for piece, i, row in self._wanted_rows(pieces, check):
+                writer = writer or SegmentWriter(self.directory, piece[0], self.manifest, writer_memory_limit(self.manifest))
+                batch.append(row)
+                end_of_piece = i == piece[1] - 1
+                if len(batch) == self.batch_size or end_of_piece:
+                    self._forward_and_write(writer, i + 1 - len(batch), batch)
+                    batch = []
+                if end_of_piece:
+                    publishing, writer = self._publish(writer, publishing, piece[0], piece[1]), None
+            if writer is not None:  # the corpus ended inside a piece: publish what it had
+                if batch:
+                    self._forward_and_write(writer, i + 1 - len(batch), batch)
+                publishing, writer = self._publish(writer, publishing, piece[0], i + 1), None
+            if publishing is not None:
+                publishing, last = None, publishing
+                last.wait()
+            return self.exhausted_at
+        finally:
+            if writer is not None:
+                writer.abort()
+            if publishing is not None:  # a complete segment: let it land (it is whole or not there at all)
+                with contextlib.suppress(Exception):
+                    publishing.wait()
+
+    def _wanted_rows(self, pieces: list[tuple[int, int]], check: Segment | None) -> Iterator[tuple[tuple[int, int], int, list[int]]]:
+        """(piece, i, row) for each sequence i inside `pieces`, cut from the corpus in its fixed order.
+
+        Sequences before a piece are skipped (they are published); those of `check`
+        are compared with what it stores. Sets `exhausted_at` when the corpus ends first.
+        """
+        from data.corpus import documents, token_chunks
+
+        m = self.manifest
+        todo = iter(pieces)
+        piece = next(todo)
+        recheck: list[list[int]] | None = [] if check is not None else None
+        self.exhausted_at = None
+        seen = 0
+        for i, row in enumerate(token_chunks(self.model.tokenizer, documents(m.corpus, m.split), m.context)):
+            seen = i + 1
+            if recheck is not None and check.first <= i < check.end:
+                recheck.append(row)
+                if i == check.end - 1:
+                    self._check_tokens(check, recheck)
+                    recheck = None
+            if i >= piece[0]:
+                yield piece, i, row
+                if i == piece[1] - 1 and (piece := next(todo, None)) is None:
+                    return
+        if recheck is not None:
+            raise WorkbenchError(f"corpus {m.corpus!r} now yields {seen} sequences, fewer than run {m.run!r} already holds: "
+                                 "it changed since the run started; pass --run NAME to cache it as a new run")
+        if seen == 0:
+            raise WorkbenchError(f"corpus {m.corpus!r} ({m.split}) yields no complete sequence of {m.context} tokens")
+        self.exhausted_at = seen
+
+    def _forward_and_write(self, writer: "SegmentWriter", first_seq: int, rows: list[list[int]]) -> None:
+        m = self.manifest
+        tokens = torch.tensor(rows, dtype=torch.long)  # [batch, pos]
+        acts = capture(self.model, tokens, m.sites, STORAGE[m.dtype].torch_dtype, self.stop)
+        writer.append(first_seq, tokens, {site: x.cpu() for site, x in acts.items()})
+        self.new_rows += tokens.numel()
+        self.bar.update(tokens.numel())
+        if time.monotonic() - self.last_report > PROGRESS_EVERY:
+            self._report("running", None)
+
+    def _check_tokens(self, seg: Segment, rows: list[list[int]]) -> None:
+        with open_segment(seg) as con:
+            stored = con.execute("SELECT token FROM activations ORDER BY seq_id, pos").fetchnumpy()["token"]
+        if not np.array_equal(np.asarray(stored, dtype=np.int64), np.asarray(rows, dtype=np.int64).reshape(-1)):
+            raise WorkbenchError(
+                f"corpus {self.manifest.corpus!r} no longer gives the tokens stored in {seg.path.name}: it changed since "
+                "the run started; pass --run NAME to cache it as a new run"
+            )
+
+    def _publish(self, writer: "SegmentWriter", publishing: "SegmentWriter | None", first: int, end: int) -> "SegmentWriter":
+        """Hand `writer` its publishing (in its own thread) once the previous segment has landed; return it."""
+        if publishing is not None:
+            publishing.wait()
+        final = segment_path(self.directory, first, end)
+
+        def after(tokens: Tensor) -> None:  # runs in the writer's thread, right after the rename
+            segments = list_segments(self.directory)
+            self._write_token_shard(next(s for s in segments if s.path == final), tokens)
+            self._write_catalog(segments)
+            self._report("running", segments)
+
+        writer.finish(final, first, end, after)
+        return writer
+
+    # ------------------------------------------------------------------ mirrors and progress
+    def _write_token_shard(self, seg: Segment, tokens: Tensor | None = None) -> None:
+        """Mirror a segment's tokens as a Parquet shard (from `tokens` [sequences, context], else read back)."""
+        import pyarrow as pa
+
+        m = self.manifest
+        if tokens is None:
+            with open_segment(seg) as con:
+                table = con.sql("SELECT seq_id, pos, token FROM activations").to_arrow_table()
+        else:
+            batch, ctx = tokens.shape
+            table = pa.table({"seq_id": pa.array(np.repeat(np.arange(seg.first, seg.end, dtype=np.int32), ctx)),
+                              "pos": pa.array(np.tile(np.arange(ctx, dtype=np.int16), batch)),
+                              "token": pa.array(tokens.numpy().astype(np.int32).reshape(-1))})
+        n = table.num_rows
+        table = table.add_column(0, "model", pa.array([m.model] * n, pa.string()).dictionary_encode())
+        table = table.add_column(1, "run", pa.array([m.run] * n, pa.string()).dictionary_encode())
+        shard = f"{run_key(m.model, m.run)}.{seg.first:09d}-{seg.end:09d}"
+        _guard_disk(lambda: self.workspace.append_rows(TOKENS_TABLE, table, shard=shard), f"token shard {shard}")
+
+    def _write_catalog(self, segments: list[Segment]) -> None:
+        import pandas as pd
+
+        from workbench.store import Run
+
+        rows = catalog_rows(Run(self.manifest, self.directory, tuple(segments)))
+        frame = pd.DataFrame(rows, columns=rows[0]._fields)
+        key = run_key(self.manifest.model, self.manifest.run)
+        _guard_disk(lambda: self.workspace.append_rows(CATALOG_TABLE, frame, shard=key), "the catalog")
+
+    def _open_bar(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="tok", unit_scale=True, file=sys.stderr, disable=None if self.show_progress else True,
+                        desc=f"cache {self.manifest.run}", dynamic_ncols=True)
+
+    def _report(self, status: str, segments: list[Segment] | None, message: str = "") -> None:
+        """Replace the job's progress file atomically (the app polls it)."""
+        m = self.manifest
+        if segments is None:
+            segments = list_segments(self.directory)
+        done = sum(s.end - s.first for s in segments) * m.context
+        elapsed = max(time.time() - self.started, 1e-9)
+        rate = self.new_rows / elapsed
+        target = _wanted_sequences(m) * m.context
+        record = {
+            "job": "cache", "model": m.model, "run": m.run, "sites": list(m.sites), "status": status,
+            "pid": os.getpid(), "host": socket.gethostname(), "started": self.started, "updated": time.time(),
+            "rows_published": done, "rows_target": target, "rows_this_job": self.new_rows, "segments": len(segments),
+            "tokens_per_second": rate, "eta_seconds": (target - done) / rate if rate > 0 and status == "running" else None,
+            "message": message,
+        }
+        self.last_report = time.monotonic()
+        path = f"jobs/{job_name(m.model, m.run)}.json"
+        try:
+            self.workspace.write_json(path, record)
+        except OSError as e:  # progress is advisory: a full disk must not turn a finished job into a failure
+            print(f"warning: could not update {path}: {_one_line(e)}", file=sys.stderr)
+
+    def _result(self, segments: list[Segment], short: bool, message: str) -> CacheResult:
+        from workbench.store import Run
+
+        m = self.manifest
+        found = Run(m, self.directory, tuple(segments))
+        return CacheResult(m.model, m.run, m.sites, found.rows, found.sequences, self.new_rows, len(segments), m.dtype,
+                           m.context, m.corpus, m.split, found.complete, short, round(time.time() - self.started, 3),
+                           str(self.directory), message)
+
+
+# ====================================================================== forward pass and rows
+def capture(model: "TransformerBridge", tokens: Tensor, sites: Sequence[str], dtype: torch.dtype, stop: int | None) -> dict[str, Tensor]:
+    """{site: [batch, pos, *shape] activations as `dtype`} from one forward pass stopped after the deepest site.
+
+    Each hook copies its activation (converted to `dtype`) and leaves the forward pass unchanged.
+    """
+    captured: dict[str, Tensor] = {}
+
+    def hook_for(site: str):
+        def hook(x, hook):
+            captured[site] = x.detach().to(dtype, copy=True)
+
+        return hook
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=[(s, hook_for(s)) for s in sites], stop_at_layer=stop)
+    return captured
+
+
+def check_finite(site: str, values: np.ndarray, first_seq: int, context: int, dtype: str) -> None:
+    """Refuse NaN/inf activations, naming the site and the first offending (seq_id, pos) rows.
+
+    `values` is [rows, width] in storage form (float32, float16, or bfloat16 bits as uint16).
+    """
+    if dtype == "bfloat16":
+        bad = (values & 0x7F80) == 0x7F80  # exponent all ones: inf or NaN
+        if not bad.any():
+            return
+    else:
+        with np.errstate(invalid="ignore", over="ignore"):
+            if np.isfinite(values.sum(dtype=np.float32)):  # one pass: a NaN or inf anywhere makes the sum non-finite
+                return
+        bad = ~np.isfinite(values)  # (the sum can also overflow on finite values: look row by row)
+    rows = np.flatnonzero(bad.any(axis=1))
+    if len(rows) == 0:
+        return
+    where = ", ".join(f"(seq {first_seq + r // context}, pos {r % context})" for r in rows[:5])
+    hint = " (float16 holds at most ±65504: use --dtype bfloat16 or float32)" if dtype == "float16" else ""
+    raise WorkbenchError(f"refusing to cache NaN/inf activations at {site} in {len(rows)} row(s): {where}{' ...' if len(rows) > 5 else ''}{hint}")
+
+
+def storage_values(x: Tensor, dtype: str) -> np.ndarray:
+    """[rows, width] numpy view of a CPU tensor already in the storage dtype (bfloat16 as its raw uint16 bits)."""
+    flat = x.reshape(x.shape[0] * x.shape[1], -1)
+    return flat.numpy() if dtype != "bfloat16" else flat.view(torch.int16).numpy().view(np.uint16)
+
+
+def rows_table(first_seq: int, tokens: Tensor, values: dict[str, np.ndarray], manifest: RunManifest) -> "pa.Table":
+    """The Arrow rows of one batch: seq_id, pos, token, then one fixed-size array column per site (zero-copy)."""
+    import pyarrow as pa
+
+    batch, ctx = tokens.shape
+    columns = {
+        "seq_id": pa.array(np.repeat(np.arange(first_seq, first_seq + batch, dtype=np.int32), ctx)),
+        "pos": pa.array(np.tile(np.arange(ctx, dtype=np.int16), batch)),
+        "token": pa.array(tokens.numpy().astype(np.int32).reshape(-1)),
+    }
+    for site in manifest.sites:
+        v = values[site]
+        if v.dtype == np.float16:
+            v = v.view(np.uint16)  # stored as raw IEEE half bits
+        columns[site] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), manifest.width(site))
+    return pa.table(columns)
+
+
+# ====================================================================== the segment writer
+class SegmentWriter:
+    """Writes one segment from a background thread: checks, converts and inserts row batches into a private
+    DuckDB file, then (on `finish`) commits, checkpoints and renames it into place.
+
+    DuckDB and numpy release the GIL, so this work overlaps the next forward pass,
+    and publishing a segment (the fsync of a commit) overlaps computing the next one.
+    The queue holds at most two batches (bounded memory). All inserts share one
+    transaction: nothing goes through the WAL, and an interrupted segment leaves
+    only a temporary file, which the next job deletes.
+    """
+
+    def __init__(self, directory: Path, first: int, manifest: RunManifest, memory_limit: int):
+        import duckdb
+
+        self.tmp = directory / f".seg-{first:09d}.{uuid.uuid4().hex[:8]}.tmp"
+        self.manifest = manifest
+        self.tokens: list[Tensor] = []  # [batch, context] per appended batch, for the workspace's token shard
+        self.error: BaseException | None = None
+        config = {"threads": 1, "memory_limit": f"{memory_limit // 2**20}MB", "force_compression": "uncompressed"}
+        self.con = duckdb.connect(":memory:", config=config)
+        try:
+            # Row groups of about 16 MiB: DuckDB writes each full row group to the file as soon as it is
+            # complete (in this thread, overlapping the forward passes), leaving little for the final commit.
+            path = str(self.tmp).replace("'", "''")
+            self.con.execute(f"ATTACH '{path}' AS segment (ROW_GROUP_SIZE {row_group_rows(manifest)})")
+            self.con.execute("USE segment")
+            self.con.execute(_activations_ddl(manifest))
+            self.con.execute("BEGIN")
+        except BaseException as e:
+            self._remove_files()
+            raise _disk_error(e, f"segment {self.tmp.name}") or e
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.thread = threading.Thread(target=self._work, name="segment-writer", daemon=True)
+        self.thread.start()
+
+    def append(self, first_seq: int, tokens: Tensor, acts: dict[str, Tensor]) -> None:
+        """Queue one batch: `tokens` [batch, pos] and, per site, CPU activations [batch, pos, ...] in the storage dtype."""
+        self._raise_error()
+        self.tokens.append(tokens)
+        self.queue.put(("rows", first_seq, tokens, acts))
+
+    def finish(self, final: Path, first: int, end: int, after) -> None:
+        """Queue the publishing of this segment as `final`, then `after(tokens)`; returns at once (see `wait`)."""
+        self._raise_error()
+        self.queue.put(("publish", final, first, end, after))
+        self.queue.put(None)
+
+    def wait(self) -> None:
+        """Block until the writer's thread is done; raise what went wrong there, if anything."""
+        self.thread.join()
+        self._raise_error()
+
+    def abort(self) -> None:
+        """Stop, close and delete the temporary file; the published segments are untouched."""
+        self.error = self.error or _Aborted()
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        self._remove_files()
+
+    def _work(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain: the main thread will see the error
+            try:
+                if item[0] == "rows":
+                    self._insert(*item[1:])
+                else:
+                    self._publish(*item[1:])
+            except BaseException as e:  # handed to the main thread at its next append, finish or wait
+                self.error = e
+
+    def _insert(self, first_seq: int, tokens: Tensor, acts: dict[str, Tensor]) -> None:
+        m = self.manifest
+        values = {site: storage_values(acts[site], m.dtype) for site in m.sites}
+        for site in m.sites:
+            check_finite(site, values[site], first_seq, m.context, m.dtype)
+        self.con.from_arrow(rows_table(first_seq, tokens, values, m)).insert_into("activations")
+
+    def _publish(self, final: Path, first: int, end: int, after) -> None:
+        m = self.manifest
+        try:
+            self.con.execute(
+                "CREATE TABLE segment_info AS SELECT ? AS model, ? AS run, ? AS first_seq, ? AS end_seq, ? AS context, "
+                "? AS dtype, ? AS sites, ? AS shapes, ? AS created",
+                [m.model, m.run, first, end, m.context, m.dtype, list(m.sites), json.dumps({s: list(v) for s, v in m.shapes.items()}), time.time()],
+            )
+            self.con.execute("COMMIT")
+            self.con.execute("CHECKPOINT")
+            self.con.close()
+        except BaseException as e:
+            self._remove_files()
+            raise _disk_error(e, f"segment {final.name}") or e
+        for leftover in (Path(f"{self.tmp}.wal"), Path(f"{self.tmp}.tmp")):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        os.replace(self.tmp, final)
+        _fsync_dir(final.parent)
+        after(torch.cat(self.tokens))
+
+    def _remove_files(self) -> None:
+        with contextlib.suppress(Exception):  # a connection DuckDB invalidated after a failed write cannot close cleanly
+            self.con.close()
+        for leftover in (self.tmp, Path(f"{self.tmp}.wal"), Path(f"{self.tmp}.tmp")):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+    def _raise_error(self) -> None:
+        if self.error is not None and not isinstance(self.error, _Aborted):
+            raise _disk_error(self.error, f"segment {self.tmp.name}") or self.error
+
+
+class _Aborted(Exception):
+    """Marks a writer stopped on purpose (its thread then only drains the queue)."""
+
+
+def row_group_rows(m: RunManifest) -> int:
+    """Rows per DuckDB row group: about 16 MiB, a multiple of DuckDB's 2048-row vectors, at most its default 122880."""
+    row_bytes = 10 + sum(m.width(s) for s in m.sites) * STORAGE[m.dtype].itemsize
+    return max(2048, min(122880, (16 * 2**20 // row_bytes) // 2048 * 2048))
+
+
+def _activations_ddl(m: RunManifest) -> str:
+    element = STORAGE[m.dtype].sql_type
+    columns = ["seq_id INTEGER", "pos SMALLINT", "token INTEGER"]
+    columns += [f'"{s}" {element}[{m.width(s)}]' for s in m.sites]
+    return f"CREATE TABLE activations ({', '.join(columns)})"
+
+
+def writer_memory_limit(m: RunManifest) -> int:
+    """DuckDB's memory cap for a segment writer: constant in the token count, scaled to the row width.
+
+    DuckDB works through rows 2048 at a time; below about a few such vectors of the
+    widest rows it fails with out-of-memory (measured: 24 MiB is too little for
+    rows of 3072 floats, 32 MiB enough). Eight vectors' worth, between 32 MiB and 512 MiB.
+    """
+    row_bytes = 10 + sum(m.width(s) for s in m.sites) * STORAGE[m.dtype].itemsize
+    return int(min(max(8 * 2048 * row_bytes, 32 * 2**20), 512 * 2**20))
+
+
+# ====================================================================== planning
+def _wanted_sequences(m: RunManifest) -> int:
+    return m.target_sequences if m.exhausted_at is None else min(m.target_sequences, m.exhausted_at)
+
+
+def _missing_pieces(segments: list[Segment], target: int, per_segment: int) -> list[tuple[int, int]]:
+    """Sequence ranges below `target` that no published segment covers, cut into pieces of at most `per_segment`."""
+    gaps, cursor = [], 0
+    for seg in segments:
+        if seg.first > cursor:
+            gaps.append((cursor, min(seg.first, target)))
+        cursor = max(cursor, seg.end)
+    gaps.append((cursor, target))
+    pieces = []
+    for a, b in gaps:
+        pieces += [(s, min(s + per_segment, b)) for s in range(a, b, per_segment)]
+    return pieces
+
+
+# ====================================================================== checks and helpers
+def _parse_sites(sites: Sequence[str] | str) -> list[str]:
+    listed = [s.strip() for s in (sites.split(",") if isinstance(sites, str) else sites)]
+    listed = [s for s in listed if s]
+    if not listed:
+        raise WorkbenchError("no sites given; pass hook names such as blocks.0.hook_resid_post (comma-separated)")
+    repeated = sorted({s for s in listed if listed.count(s) > 1})
+    if repeated:
+        raise WorkbenchError(f"site(s) listed twice: {', '.join(repeated)}")
+    return listed
+
+
+def _check_count(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise WorkbenchError(f"{what} must be a positive whole number, got {value!r}")
+
+
+def _check_context(model, context: int) -> None:
+    _check_count(context, "context")
+    if context < 2:
+        raise WorkbenchError(f"context must be at least 2 tokens (BOS plus one), got {context}")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx is not None and context > n_ctx:
+        raise WorkbenchError(f"context {context} is longer than the {n_ctx} positions {model.cfg.model_name} accepts; pass --context {n_ctx} or less")
+
+
+def _write_manifest(directory: Path, manifest: RunManifest) -> None:
+    _guard_disk(lambda: atomic_write_text(directory / "run.json", manifest.to_json()), f"{directory / 'run.json'}")
+
+
+def _is_interrupt(e: BaseException) -> bool:
+    """DuckDB turns a Ctrl-C that arrives during a query into its own exception instead of KeyboardInterrupt."""
+    import duckdb
+
+    return isinstance(e, duckdb.InterruptException) or (isinstance(e, RuntimeError) and "Query interrupted" in str(e))
+
+
+def _disk_error(e: BaseException, what: str) -> WorkbenchError | None:
+    """A one-line WorkbenchError when `e` is the disk filling up (or a file-size limit), else None."""
+    text = str(e)
+    codes = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    if (isinstance(e, OSError) and e.errno in codes) or any(s in text for s in ("No space left", "File too large", "Disk quota")):
+        return WorkbenchError(
+            f"disk full (or file-size limit reached) while writing {what}: {_one_line(e)}; the segments published "
+            "before are intact and readable: free space and re-run the same command to resume"
+        )
+    return None
+
+
+def _guard_disk(write, what: str):
+    try:
+        return write()
+    except Exception as e:
+        raise _disk_error(e, what) or e
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _show(value) -> str:
+    return ",".join(value) if isinstance(value, tuple) else repr(value)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] if text else type(e).__name__
+
+
+# ====================================================================== the command
+def configure_cache(parser: argparse.ArgumentParser) -> None:
+    from workbench.model import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or local HF directory (default {DEFAULT_MODEL})")
+    parser.add_argument("--sites", required=True, help="comma-separated hook names, e.g. blocks.0.hook_resid_post,blocks.0.attn.hook_z")
+    parser.add_argument("--tokens", required=True, type=token_count, help="tokens to cache, e.g. 100000, 100k, 2M (rounded up to whole sequences)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--corpus", default=None, help="'reference' (default: Python's own sources and docs) or a local .txt/.jsonl/.parquet file")
+    source.add_argument("--dataset", default=None, help="a Hugging Face dataset NAME[:CONFIG] (hub, or the local datasets cache offline)")
+    parser.add_argument("--split", default=None, help="corpus split (reference: train, heldout or all; hub: a split name)")
+    parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help=f"tokens per sequence, BOS first (default {DEFAULT_CONTEXT})")
+    parser.add_argument("--dtype", default="float32", choices=list(STORAGE), help="storage dtype (default float32)")
+    parser.add_argument("--run", default=None, help="run name (default: derived from corpus, split, context and dtype)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"sequences per forward pass (default {DEFAULT_BATCH})")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
+    parser.add_argument("--model-dtype", default=None, choices=list(STORAGE), help="dtype the model runs in (default float32)")
+    parser.add_argument("--segment-tokens", type=token_count, default=None, help="tokens per segment file, the unit of resume (default: about 256 MiB of activations)")
+
+
+def run_cache(args: argparse.Namespace) -> dict:
+    from data.corpus import source_kind
+    from workbench.model import load_model
+
+    if args.dataset is not None and source_kind(args.dataset) != "hub":
+        raise WorkbenchError(f"--dataset takes a Hugging Face dataset name; for the local file {args.dataset!r} use --corpus")
+    corpus = args.dataset or args.corpus or "reference"
+    model = load_model(args.model, device=args.device, dtype=args.model_dtype)
+    store = ActivationStore(args.workspace)
+    result = store.cache(model, args.sites, args.tokens, corpus=corpus, context=args.context, dtype=args.dtype, run=args.run,
+                         batch_size=args.batch_size, split=args.split, segment_tokens=args.segment_tokens)
+    return result.summary()
+
+
+def token_count(text: str) -> int:
+    """'100000', '100k', '2.5M', '1G' -> an integer count (argparse type)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (use e.g. 100000, 100k or 2M)")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[match[2].lower()]
+    return round(float(match[1]) * scale)

@@ -1,0 +1,610 @@
+"""The activation store: model activations cached in DuckDB, streamed back as training batches.
+
+Layout (full schema and SQL examples in docs/store.md):
+
+    <workspace>/store/<model>/<run>/run.json                 the run's manifest (sites, shapes, dtype, corpus, ...)
+    <workspace>/store/<model>/<run>/seg-<first>-<end>.duckdb published segments, immutable
+    <workspace>/tables/activation_catalog/<model>.<run>.parquet   catalog rows (one per site), for Workspace.sql
+    <workspace>/tables/activation_tokens/<model>.<run>.<first>-<end>.parquet   token rows, for Workspace.sql
+    <workspace>/jobs/cache.<model>.<run>.json                progress of a running cache job
+
+A *run* is one model over one corpus (context, dtype and a set of sites); it is
+addressed by (model name, site), plus the run name when a model has several runs
+holding that site. A run's rows are token positions: row (seq_id, pos) is
+position `pos` of the `seq_id`-th chunk of `context` tokens cut from the corpus.
+
+A *segment* holds the sequences [first, end) of a run in one DuckDB file with one
+table, `activations(seq_id, pos, token, "<site>" ..., )`: the token is stored once
+and each site is a fixed-size array column (`FLOAT[width]`, or `USMALLINT[width]`
+holding the raw bits of float16/bfloat16), so every site of a row shares its key
+and the columns of two sites are row-aligned by construction (transcoder pairs).
+Storage is uncompressed: activations barely compress, and uncompressed pages read
+and write several times faster.
+
+Concurrency follows DuckDB's locking rule (one writer per file; any connection
+elsewhere blocks that writer) by never sharing a file between a writer and a
+reader: a cache job writes each segment into a private temporary file in one
+transaction and publishes it by `os.replace` only after commit and checkpoint;
+a published segment is never opened for writing again. Readers list the published
+segments when they start and open each read-only only while reading it, so they
+never see a half-written segment and never block the job.
+
+Resume: sequences are cut from the corpus in a fixed order, so a segment's
+content is a function of its range. A re-run lists the published segments,
+discards temporary files a killed job left, and computes only the missing ranges:
+no row is duplicated or lost whatever moment the previous job died.
+
+Reading (`workbench.streaming`): `batches`/`pairs` shuffle through a bounded
+buffer: blocks of `buffer_rows` rows, each 8 windows of consecutive rows from
+random places in the run, read ahead by a background thread and emitted in a
+random permutation; one call is one epoch covering every row exactly once.
+`scan` streams rows in order with their (seq_id, pos) keys; `tokens` gives token
+rows for context windows; `connect`/`sql` answer ad-hoc SQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from workbench.errors import WorkbenchError
+from workbench.workspace import Workspace, check_name
+
+if TYPE_CHECKING:
+    import duckdb
+    import pandas as pd
+
+FORMAT_VERSION = 1
+CATALOG_TABLE = "activation_catalog"
+TOKENS_TABLE = "activation_tokens"
+BUFFER_BYTES = 128 * 2**20  # default shuffle-buffer (block) size; reading holds about three blocks
+# One thread per reading connection streams fastest here (measured); the memory cap keeps DuckDB's own page
+# cache from growing with the data read.
+READ_CONFIG = {"threads": 1, "memory_limit": "64MB"}
+
+
+class Storage(NamedTuple):
+    """How one storage dtype is laid out: the torch dtype, the DuckDB element type, the numpy element type."""
+
+    torch_dtype: torch.dtype
+    sql_type: str
+    numpy_dtype: type
+    itemsize: int
+
+
+STORAGE = {
+    "float32": Storage(torch.float32, "FLOAT", np.float32, 4),
+    "float16": Storage(torch.float16, "USMALLINT", np.uint16, 2),  # raw IEEE half bits
+    "bfloat16": Storage(torch.bfloat16, "USMALLINT", np.uint16, 2),  # raw bfloat16 bits
+}
+
+
+def storage_name(dtype: str | torch.dtype) -> str:
+    """'float32', 'float16' or 'bfloat16' for a name or torch dtype; WorkbenchError otherwise."""
+    for name, storage in STORAGE.items():
+        if dtype == name or dtype == storage.torch_dtype:
+            return name
+    raise WorkbenchError(f"unknown storage dtype {dtype!r}; choose one of {', '.join(STORAGE)}")
+
+
+# ====================================================================== records
+@dataclass(frozen=True)
+class RunManifest:
+    """What a run holds; saved as `run.json` beside its segments and checked on every resume."""
+
+    model: str  # the model name as given to load_model (a local path is made absolute)
+    run: str  # the run name (unique per model)
+    sites: tuple[str, ...]  # hook names, in column order
+    shapes: dict[str, tuple[int, ...]]  # per-token shape of each site, e.g. (n_heads, d_head) for attn.hook_z
+    dtype: str  # storage dtype: float32 | float16 | bfloat16
+    context: int  # tokens per sequence (BOS first)
+    corpus: str  # "reference", a file path or a hub dataset name[:config]
+    split: str  # corpus split the sequences come from
+    tokenizer: str  # fingerprint of the tokenizer, so a resume cannot mix token streams
+    segment_sequences: int  # sequences per segment file (fixed for the run)
+    target_sequences: int  # sequences requested so far (a larger --tokens extends the run)
+    exhausted_at: int | None = None  # sequence count where the corpus ran out, if it did
+    created: float = field(default_factory=time.time)
+    format: int = FORMAT_VERSION
+
+    def width(self, site: str) -> int:
+        return int(np.prod(self.shapes[site]))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunManifest":
+        raw = json.loads(text)
+        raw["sites"] = tuple(raw["sites"])
+        raw["shapes"] = {k: tuple(v) for k, v in raw["shapes"].items()}
+        return cls(**raw)
+
+
+class Segment(NamedTuple):
+    """A published segment file holding sequences [first, end) of a run."""
+
+    first: int
+    end: int
+    path: Path
+
+    def rows(self, context: int) -> int:
+        return (self.end - self.first) * context
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run as found on disk: its manifest and its published segments, in sequence order."""
+
+    manifest: RunManifest
+    directory: Path
+    segments: tuple[Segment, ...]
+
+    @property
+    def name(self) -> str:
+        return self.manifest.run
+
+    @property
+    def sequences(self) -> int:
+        return sum(s.end - s.first for s in self.segments)
+
+    @property
+    def rows(self) -> int:
+        return self.sequences * self.manifest.context
+
+    @property
+    def complete(self) -> bool:
+        """Every requested sequence (or every one the corpus had) is published."""
+        wanted = self.manifest.target_sequences
+        if self.manifest.exhausted_at is not None:
+            wanted = min(wanted, self.manifest.exhausted_at)
+        return self.sequences >= wanted and _contiguous(self.segments)
+
+
+class ScanBatch(NamedTuple):
+    """Rows in store order with their keys (unpacks as `seq_ids, positions, acts`)."""
+
+    seq_ids: Tensor  # [rows] int64
+    positions: Tensor  # [rows] int64
+    acts: Tensor  # [rows, width]
+
+
+# ====================================================================== the store
+class ActivationStore:
+    """Cached activations of a workspace: write with `cache`, read with `batches`, `pairs`, `scan`, `tokens`, `sql`."""
+
+    def __init__(self, workspace: Workspace | str | os.PathLike | None = None):
+        self.workspace = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({str(self.workspace.root)!r})"
+
+    # ------------------------------------------------------------------ writing
+    def cache(self, model, sites: Sequence[str] | str, n_tokens: int, corpus: str = "reference", context: int = 128,
+              dtype: str | torch.dtype = "float32", **options):
+        """Run `model` over `n_tokens` tokens of `corpus` and store the activations of `sites`.
+
+        `model` is a TransformerBridge from `load_model` or a model name. Options:
+        `run` (name; default derived from corpus, context and dtype), `batch_size`
+        (sequences per forward pass), `split`, `segment_tokens`, `progress`.
+        Returns a `workbench.caching.CacheResult`. See `workbench.caching`.
+        """
+        from workbench.caching import cache_activations
+
+        return cache_activations(self, model, sites, n_tokens, corpus=corpus, context=context, dtype=dtype, **options)
+
+    # ------------------------------------------------------------------ what is there
+    def runs(self, model: str | None = None) -> list[Run]:
+        """Every run in the store (of `model` only, when given), ordered by model then run name."""
+        root = self.workspace.store_dir
+        if not root.is_dir():
+            return []
+        wanted = None if model is None else model_name(model)
+        found = []
+        for manifest_path in sorted(root.glob("*/*/run.json")):
+            manifest = read_manifest(manifest_path)
+            if wanted is None or manifest.model == wanted:
+                found.append(Run(manifest, manifest_path.parent, tuple(list_segments(manifest_path.parent))))
+        return found
+
+    def run(self, model, sites: Sequence[str] | str, run: str | None = None) -> Run:
+        """The one run of `model` holding all of `sites` (named `run` when given); a clear error otherwise."""
+        sites = [sites] if isinstance(sites, str) else list(sites)
+        name = model_name(model)
+        runs = self.runs(name)
+        if run is not None:
+            match = [r for r in runs if r.name == run]
+            if not match:
+                raise WorkbenchError(f"model {name!r} has no cached run {run!r}; {_describe_runs(runs, name)}")
+            missing = [s for s in sites if s not in match[0].manifest.sites]
+            if missing:
+                raise WorkbenchError(f"run {run!r} of {name!r} does not hold {', '.join(missing)}; it holds {', '.join(match[0].manifest.sites)}")
+            return match[0]
+        holding = [r for r in runs if all(s in r.manifest.sites for s in sites) and r.segments]
+        if len(holding) == 1:
+            return holding[0]
+        if not holding:
+            raise WorkbenchError(
+                f"no cached activations of {', '.join(sites)} for model {name!r}; {_describe_runs(runs, name)}; "
+                f"cache them with `python -m workbench cache --model {name} --sites {','.join(sites)} --tokens N`"
+            )
+        raise WorkbenchError(
+            f"{', '.join(sites)} of {name!r} is cached in several runs ({', '.join(r.name for r in holding)}); pass run=NAME (--run)"
+        )
+
+    def catalog(self) -> "pd.DataFrame":
+        """One row per (run, site): model, run, site, width, shape, dtype, rows, sequences, context, corpus, ..."""
+        import pandas as pd
+
+        rows = [entry for r in self.runs() for entry in catalog_rows(r)]
+        columns = list(CatalogEntry._fields)
+        return pd.DataFrame(rows, columns=columns)
+
+    def progress(self, model, run: str) -> dict | None:
+        """The progress record of the cache job of (model, run), with `alive` saying whether its process still runs."""
+        record = self.workspace.read_json(f"jobs/{job_name(model_name(model), run)}.json")
+        if record is not None:
+            record["alive"] = record.get("status") == "running" and _pid_alive(record.get("pid"))
+        return record
+
+    # ------------------------------------------------------------------ streaming
+    def batches(self, model, site: str, batch_size: int, *, dtype: torch.dtype = torch.float32, device="cpu",
+                shuffle: bool = True, seed: int = 0, buffer_rows: int | None = None, max_rows: int | None = None,
+                start_row: int = 0, drop_last: bool = False, run: str | None = None) -> Iterator[Tensor]:
+        """One epoch of [batch, width] activation batches of `site` (every selected row exactly once).
+
+        Rows [start_row, start_row + max_rows) of the run's store order are selected.
+        `shuffle` draws blocks of `buffer_rows` rows (default: 128 MiB worth; about
+        three blocks are in memory at once), each made of 8 windows of consecutive
+        rows from random places in the run, in a seeded random order, and emits each
+        block's rows in a random permutation (see `workbench.streaming`). Without
+        `shuffle`, rows come in store order. Values are converted to `dtype` on
+        `device`; per-head sites come flat (reshape with the catalog's `shape`).
+        Batches that need no conversion may be views of read-only Arrow memory:
+        copy one before writing into it in place.
+        """
+        for (x,) in self._stream([site], batch_size, dtype, device, shuffle, seed, buffer_rows, max_rows, start_row, drop_last, run, model):
+            yield x
+
+    def pairs(self, model, site_in: str, site_out: str, batch_size: int, *, dtype: torch.dtype = torch.float32,
+              device="cpu", shuffle: bool = True, seed: int = 0, buffer_rows: int | None = None,
+              max_rows: int | None = None, start_row: int = 0, drop_last: bool = False,
+              run: str | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Like `batches`, for two sites at once: (x_in[batch, w_in], x_out[batch, w_out]) from the same token rows."""
+        if site_in == site_out:
+            raise WorkbenchError(f"pairs needs two different sites, got {site_in} twice")
+        yield from self._stream([site_in, site_out], batch_size, dtype, device, shuffle, seed, buffer_rows, max_rows, start_row, drop_last, run, model)
+
+    def scan(self, model, site: str, batch_rows: int, *, dtype: torch.dtype = torch.float32, device="cpu",
+             start_row: int = 0, max_rows: int | None = None, run: str | None = None) -> Iterator[ScanBatch]:
+        """Rows of `site` in store order (sequence by sequence), `batch_rows` at a time, with their (seq_id, pos) keys."""
+        from workbench import streaming
+
+        _check_positive(batch_rows, "batch_rows")
+        found = self.run(model, [site], run)
+        _selected_rows(found, start_row, max_rows)
+        specs = [(1, None), (1, None), (found.manifest.width(site), STORAGE[found.manifest.dtype])]
+        chunks = streaming.ordered_chunks(found, ["seq_id", "pos", site], specs, start_row, max_rows, batch_rows)
+        for seq, pos, acts in streaming.rebatch(chunks, batch_rows):
+            yield ScanBatch(seq.long(), pos.long(), _deliver(acts, dtype, device))
+
+    def tokens(self, model, seq_ids: Iterable[int] | Tensor, *, run: str | None = None, site: str | None = None) -> Tensor:
+        """[len(seq_ids), context] token ids of the given sequences (for context windows around a row).
+
+        With several runs for the model, name the run or a site that picks one.
+        """
+        ids = torch.as_tensor(seq_ids, dtype=torch.long).reshape(-1)
+        found = self._token_run(model, run, site)
+        ctx = found.manifest.context
+        out = torch.full((len(ids), ctx), -1, dtype=torch.long)
+        for seg in found.segments:
+            inside = ((ids >= seg.first) & (ids < seg.end)).nonzero().reshape(-1)
+            if len(inside):
+                out[inside] = _segment_tokens(seg, ids[inside], ctx)
+        missing = (out[:, 0] < 0).nonzero().reshape(-1)
+        if len(missing):
+            raise WorkbenchError(f"sequence(s) {', '.join(str(int(ids[i])) for i in missing[:5])} are not in run {found.name!r} (it holds {found.sequences} sequences)")
+        return out
+
+    # ------------------------------------------------------------------ SQL
+    @contextlib.contextmanager
+    def connect(self, model=None, run: str | None = None, site: str | None = None,
+                tables: Iterable[str] | None = None) -> Iterator["duckdb.DuckDBPyConnection"]:
+        """A read-only DuckDB connection: the workspace's tables, plus (for a model) the view `activations`.
+
+        `activations(seq_id, pos, token, "<site>" ...)` is the run's rows across its
+        segments; float16/bfloat16 sites are decoded to FLOAT arrays. The macros
+        `f16(bits)` and `bf16(bits)` decode single raw values. `tables` limits the
+        workspace views (as in `Workspace.connect`). Close it promptly: nothing is
+        locked while it is open, but it pins the files it attached.
+        """
+        with self.workspace.connect(tables=tables) as con:
+            con.execute(_HALF_MACROS)
+            if model is not None:
+                found = self._token_run(model, run, site)
+                _attach_run(con, found)
+            yield con
+
+    def sql(self, query: str, params: list | None = None, *, model=None, run: str | None = None, site: str | None = None,
+            tables: Iterable[str] | None = None) -> "pd.DataFrame":
+        """Run one query (see `connect` for what it can see) and return a pandas DataFrame."""
+        with self.connect(model, run, site, tables) as con:
+            try:
+                return con.execute(query, params or []).df()
+            except Exception as e:
+                if type(e).__module__.startswith(("duckdb", "_duckdb")):
+                    raise WorkbenchError(f"SQL error: {_one_line(e)}") from e
+                raise
+
+    # ------------------------------------------------------------------ internals
+    def _stream(self, sites, batch_size, dtype, device, shuffle, seed, buffer_rows, max_rows, start_row, drop_last, run, model):
+        from workbench import streaming
+
+        _check_positive(batch_size, "batch_size")
+        found = self.run(model, sites, run)
+        storage = STORAGE[found.manifest.dtype]
+        specs = [(found.manifest.width(s), storage) for s in sites]
+        if _selected_rows(found, start_row, max_rows) == 0:
+            raise WorkbenchError(f"no rows selected from run {found.name!r} ({found.rows} rows; start_row={start_row}, max_rows={max_rows})")
+        if shuffle:
+            row_bytes = sum(w * storage.itemsize for w, _ in specs)
+            block = buffer_rows if buffer_rows is not None else max(8 * batch_size, BUFFER_BYTES // row_bytes)
+            _check_positive(block, "buffer_rows")
+            groups = streaming.shuffled_batches(found, list(sites), specs, start_row, max_rows, batch_size, block, seed)
+        else:
+            groups = streaming.rebatch(streaming.ordered_chunks(found, list(sites), specs, start_row, max_rows, batch_size), batch_size)
+        for group in groups:
+            if drop_last and len(group[0]) < batch_size:
+                return
+            yield tuple(_deliver(x, dtype, device) for x in group)
+
+    def _token_run(self, model, run: str | None, site: str | None) -> Run:
+        if site is not None:
+            return self.run(model, [site], run)
+        runs = [r for r in self.runs(model) if run is None or r.name == run]
+        if len(runs) == 1:
+            return runs[0]
+        name = model_name(model)
+        if not runs:
+            raise WorkbenchError(f"model {name!r} has no cached run{'' if run is None else ' ' + repr(run)}; {_describe_runs(self.runs(name), name)}")
+        raise WorkbenchError(f"model {name!r} has several cached runs ({', '.join(r.name for r in runs)}); pass run=NAME")
+
+
+# ====================================================================== catalog
+class CatalogEntry(NamedTuple):
+    """One row of the catalog: a site of a run."""
+
+    model: str
+    run: str
+    site: str
+    width: int
+    shape: list
+    dtype: str
+    rows: int
+    sequences: int
+    context: int
+    corpus: str
+    split: str
+    created: float  # unix time the run started
+    updated: float  # unix time of its latest published segment
+    complete: bool
+    path: str
+
+
+def catalog_rows(run: Run) -> list[CatalogEntry]:
+    m = run.manifest
+    updated = max((s.path.stat().st_mtime for s in run.segments if s.path.exists()), default=m.created)
+    return [
+        CatalogEntry(m.model, m.run, site, m.width(site), list(m.shapes[site]), m.dtype, run.rows, run.sequences,
+                     m.context, m.corpus, m.split, m.created, updated, run.complete, str(run.directory))
+        for site in m.sites
+    ]
+
+
+# ====================================================================== names and files
+def model_name(model) -> str:
+    """The name a model is stored under: what load_model was given, with a local path made absolute."""
+    from data import BUNDLED_MODELS
+
+    name = model if isinstance(model, str) else getattr(getattr(model, "cfg", None), "model_name", None)
+    if not isinstance(name, str) or not name:
+        raise WorkbenchError(f"expected a model name or a loaded model, got {model!r}")
+    path = Path(name).expanduser()
+    if name not in BUNDLED_MODELS and path.exists():
+        return str(path.resolve())
+    return name
+
+
+def model_slug(name: str) -> str:
+    """A directory name for a model name: readable, and unique (a hash is added when characters were dropped)."""
+    slug = re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("._-")
+    if slug == name and len(slug) <= 48:
+        return slug
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{slug[-40:].lstrip('._-')}-{digest}" if slug else digest
+
+
+def run_key(model: str, run: str) -> str:
+    """`<model slug>.<run>.<hash>`: a file-name key for a run, unambiguous even when names contain dots."""
+    digest = hashlib.sha1(f"{model}\n{run}".encode()).hexdigest()[:8]
+    return f"{model_slug(model)}.{run}.{digest}"
+
+
+def job_name(model: str, run: str) -> str:
+    """The job-lock and progress-file name of the cache job of (model, run)."""
+    return f"cache.{run_key(model, run)}"
+
+
+def run_directory(workspace: Workspace, model: str, run: str) -> Path:
+    check_name(run, "run name")
+    return workspace.store_dir / model_slug(model) / run
+
+
+def read_manifest(path: Path) -> RunManifest:
+    try:
+        return RunManifest.from_json(path.read_text())
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise WorkbenchError(f"{path} is damaged ({_one_line(e)}); restore it or remove the run's directory {path.parent}") from e
+
+
+_SEGMENT = re.compile(r"^seg-(\d+)-(\d+)\.duckdb$")
+
+
+def segment_path(directory: Path, first: int, end: int) -> Path:
+    return directory / f"seg-{first:09d}-{end:09d}.duckdb"
+
+
+def list_segments(directory: Path) -> list[Segment]:
+    """Published segments of a run directory, in sequence order (temporary files are ignored)."""
+    found = []
+    for path in directory.glob("seg-*.duckdb"):
+        match = _SEGMENT.match(path.name)
+        if match:
+            found.append(Segment(int(match[1]), int(match[2]), path))
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def open_segment(segment: Segment) -> Iterator["duckdb.DuckDBPyConnection"]:
+    """A read-only view of one published segment, closed on exit; damage becomes one clear line.
+
+    The file is attached read-only to a private in-memory database (not opened with
+    `duckdb.connect(path)`), so a connection the caller's process already holds on
+    the same file, whatever its settings, neither blocks nor is disturbed by it.
+    """
+    import duckdb
+
+    con = duckdb.connect(":memory:", config=READ_CONFIG)
+    try:
+        con.execute(f"ATTACH '{_sql_string(segment.path)}' AS seg (READ_ONLY)")
+        con.execute("USE seg")
+        yield con
+    except duckdb.Error as e:
+        if not segment.path.exists():
+            raise WorkbenchError(f"segment file {segment.path} disappeared while being read (was it deleted?); list the store again") from e
+        raise damaged(segment, e) from e
+    finally:
+        con.close()
+
+
+def damaged(segment: Segment, error: Exception) -> WorkbenchError:
+    return WorkbenchError(
+        f"segment file {segment.path} is damaged ({_one_line(error)}); the other segments are intact: "
+        f"delete this file and re-run the same cache command to recompute sequences {segment.first}-{segment.end - 1}"
+    )
+
+
+# ====================================================================== reading
+def _selected_rows(run: Run, start_row: int, max_rows: int | None) -> int:
+    if start_row < 0 or (max_rows is not None and max_rows < 0):
+        raise WorkbenchError(f"start_row and max_rows must be non-negative, got {start_row} and {max_rows}")
+    available = max(0, run.rows - start_row)
+    return available if max_rows is None else min(available, max_rows)
+
+
+def _deliver(x: Tensor, dtype: torch.dtype | str, device) -> Tensor:
+    """`x` as `dtype` on `device` (no copy when it already is: batches may be views of read-only Arrow memory)."""
+    if isinstance(dtype, str):
+        from workbench.model import resolve_dtype
+
+        dtype = resolve_dtype(dtype)
+    return x.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def _segment_tokens(seg: Segment, ids: Tensor, context: int) -> Tensor:
+    lo, hi = int(ids.min()), int(ids.max())
+    with open_segment(seg) as con:
+        table = con.sql(f"SELECT token FROM activations WHERE seq_id >= {lo} AND seq_id <= {hi} ORDER BY seq_id, pos").to_arrow_table()
+    block = torch.from_numpy(table.column(0).to_numpy().astype(np.int64)).view(-1, context)  # [hi - lo + 1, context]
+    return block[ids - lo]
+
+
+# ====================================================================== SQL views
+_HALF_MACROS = """
+CREATE OR REPLACE TEMP MACRO f16_bits(i) AS CAST(
+    CASE WHEN (i >> 10) & 31 = 31 THEN (CASE WHEN i & 1023 = 0 THEN 'inf'::DOUBLE ELSE 'nan'::DOUBLE END)
+         WHEN (i >> 10) & 31 = 0 THEN (i & 1023) * pow(2, -24)
+         ELSE (1024 + (i & 1023)) * pow(2, ((i >> 10) & 31) - 25) END
+    * (CASE WHEN i >> 15 = 1 THEN -1 ELSE 1 END) AS FLOAT);
+CREATE OR REPLACE TEMP MACRO f16(b) AS f16_bits(b::INTEGER);
+CREATE OR REPLACE TEMP MACRO bf16_bits(i) AS CAST(
+    CASE WHEN (i >> 7) & 255 = 255 THEN (CASE WHEN i & 127 = 0 THEN 'inf'::DOUBLE ELSE 'nan'::DOUBLE END)
+         WHEN (i >> 7) & 255 = 0 THEN (i & 127) * pow(2, -133)
+         ELSE (128 + (i & 127)) * pow(2, ((i >> 7) & 255) - 134) END
+    * (CASE WHEN i >> 15 = 1 THEN -1 ELSE 1 END) AS FLOAT);
+CREATE OR REPLACE TEMP MACRO bf16(b) AS bf16_bits(b::INTEGER);
+"""
+
+
+def _attach_run(con, run: Run) -> None:
+    """Attach each segment of `run` read-only and create the view `activations` over all of them."""
+    m = run.manifest
+    columns = ["seq_id", "pos", "token"]
+    for site in m.sites:
+        if m.dtype == "float32":
+            columns.append(_quote(site))
+        else:
+            decode = "f16" if m.dtype == "float16" else "bf16"
+            columns.append(f"list_transform({_quote(site)}, lambda b: {decode}(b))::FLOAT[{m.width(site)}] AS {_quote(site)}")
+    parts = []
+    for i, seg in enumerate(run.segments):
+        alias = f"seg{i}"
+        try:
+            con.execute(f"ATTACH '{_sql_string(seg.path)}' AS {alias} (READ_ONLY)")
+        except Exception as e:
+            raise damaged(seg, e) from e
+        parts.append(f"SELECT {', '.join(columns)} FROM {alias}.activations")
+    if not parts:
+        raise WorkbenchError(f"run {run.name!r} of {m.model!r} has no published segment yet")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW activations AS {' UNION ALL '.join(parts)}")
+
+
+# ====================================================================== small helpers
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _sql_string(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _contiguous(segments: Sequence[Segment]) -> bool:
+    return all(a.end == b.first for a, b in itertools.pairwise(segments)) and (not segments or segments[0].first == 0)
+
+
+def _describe_runs(runs: list[Run], name: str) -> str:
+    if not runs:
+        return f"nothing is cached for {name!r}"
+    return "cached: " + "; ".join(f"run {r.name} ({', '.join(r.manifest.sites)}; {r.rows} rows)" for r in runs)
+
+
+def _check_positive(value: int, what: str) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise WorkbenchError(f"{what} must be a positive integer, got {value!r}")
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] if text else type(e).__name__
