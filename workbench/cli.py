@@ -23,6 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("workbench.demo", "build a workspace end to end on the reference model and report what it did"),
     "models": ("workbench.zoo", "list the bundled models and measure their task behaviour"),
     "zoo": ("workbench.zoo", "build the bundled reference models (`zoo build`)"),
+    "cache": ("workbench.caching", "run a model over a corpus and cache the activations of chosen sites in the workspace's store"),
+    "circuit": ("circuits.commands", "find the components and features that carry a task behaviour (patching, attribution, IG, RelP, ACDC, transcoders, codes)"),
+    "steer": ("workbench.steering", "generate baseline vs steered text and measure target and side effects of an intervention"),
+    "app": ("app.launch", "open the Streamlit app on a workspace (serves until Ctrl+C)"),
+    "report": ("workbench.report", "write a self-contained HTML report (and its tables as Parquet/JSON) from a workspace"),
+    "train": ("sae.commands", "train sparse dictionaries (SAEs, transcoders, codebooks; every variant) on cached activations"),
+    "eval": ("sae.commands", "evaluate dictionaries (L0, FVU, CE recovered, KL, density), the superposition toy, MLP sparsity"),
+    "features": ("sae.commands", "write per-feature tables (density, top contexts, quantile samples, logits, similar features)"),
 }
 
 
