@@ -1,0 +1,81 @@
+"""The demo: every step lands in the workspace, and what it reports matches what the workspace holds.
+
+Run on the tiny GPT-2 (the reference model's own demo is what README's first
+command runs; its steps are the same commands with larger sizes).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from workbench.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, model_dirs):
+    ws = tmp_path_factory.mktemp("demo") / "ws"
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["demo", "--workspace", str(ws), "--model", str(model_dirs["gpt2"]), "--n", "8", "--tokens", "8192",
+                     "--d-sae", "64", "--k", "4", "--pairs", "4", "--no-app", "--json", "--device", "cpu"])
+    assert code == 0
+    return ws, json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def test_demo_builds_every_table_it_reports(demo_run):
+    from workbench.workspace import Workspace
+
+    ws, summary = demo_run
+    w = Workspace(ws)
+    tasks = set(w.sql("SELECT DISTINCT task FROM model_behaviours")["task"])
+    assert tasks == {"text", "induction", "ioi", "greater_than", "docstring"}
+    catalog = w.sql("SELECT site, rows FROM activation_catalog")
+    assert set(catalog["site"]) == {"blocks.1.hook_resid_post", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"}
+    assert (catalog["rows"] >= 8192).all()
+    assert set(w.sql("SELECT DISTINCT dictionary FROM features")["dictionary"]) == {"demo-sae", "demo-transcoder"}
+    methods = w.sql("SELECT circuit_id, method FROM circuits")
+    assert set(methods["method"]) == {"activation", "attribution", "relp"}
+    assert set(summary["circuits"].values()) <= set(methods["circuit_id"])
+    runs = w.sql("SELECT * FROM steering_runs")
+    assert len(runs) == 1
+    assert str(summary["steering_feature"]) in json.dumps(runs.iloc[0].to_dict(), default=str)
+
+
+def test_demo_steering_feature_is_the_documented_choice(demo_run):
+    """Oracle: recompute the choice from the features table with pandas, independently of the SQL in pick_feature."""
+    from workbench.workspace import Workspace
+
+    ws, summary = demo_run
+    f = Workspace(ws).sql("SELECT * FROM features WHERE dictionary = 'demo-sae'")
+    live = f[(f["density"] >= 0.001) & (f["density"] <= 0.1)]
+    pool = live if len(live) else f
+    key = "mean_activation" if len(live) else "density"
+    best = pool.sort_values([key, "feature"], ascending=[False, True]).iloc[0]["feature"]
+    assert summary["steering_feature"] == int(best)
+
+
+def test_demo_behaviour_table_matches_a_fresh_measurement(demo_run, model_dirs):
+    """The published IOI logit difference equals a fresh measurement of the same prompts through load_model."""
+    from workbench.model import load_model
+    from workbench.workspace import Workspace
+    from workbench.zoo import measure_model
+
+    ws, _ = demo_run
+    rows = Workspace(ws).sql("SELECT value FROM model_behaviours WHERE task = 'ioi' AND figure = 'clean'")
+    fresh = measure_model(load_model(model_dirs["gpt2"], device="cpu"), n=8)
+    assert rows["value"].iloc[0] == pytest.approx(fresh.ioi.clean, abs=1e-5)
+    assert torch.isfinite(torch.tensor(fresh.text_loss))
+
+
+def test_demo_rejects_bad_sizes_in_one_line(tmp_path, capsys):
+    code = main(["demo", "--workspace", str(tmp_path / "ws"), "--d-sae", "0", "--no-app"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --d-sae must be at least 1, got 0"]
+    assert not (tmp_path / "ws" / "db").exists()
