@@ -156,7 +156,7 @@ class ZooConfig:
     threads: int = 1
     """torch threads (fixed: the weights depend on it). One: on a shared 2-core machine two OpenMP threads
     spin-wait and ran 3x slower in wall time than one (measured here)."""
-    eval_every: int = 500
+    eval_every: int = 1000
     """Measure held-out behaviour every N steps (0 = only at the end)."""
     eval_prompts: int = 64
     """Prompts per task for the periodic measurement."""

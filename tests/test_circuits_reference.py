@@ -36,13 +36,25 @@ def ioi(ref_model):
     return one_length(make_task("ioi", ref_model.tokenizer, n=96, split="heldout", template=0, seed=0), 24)
 
 
-def test_relp_tracks_activation_patching_on_ioi_mlp_outputs(ref_model, ioi):
+@pytest.fixture(scope="module")
+def mlp_agreement(ref_model, ioi):
     rows, exact = agreement_table(ref_model, ioi, methods=("attribution", "relp"), families=("mlp",))
     pearson = {r.method: r.pearson for r in rows}
     print(f"\nIOI MLP outputs on {REF} ({len(ioi)} pairs, gap {exact.info.clean_metric - exact.info.corrupt_metric:.3f}): "
           f"RelP {pearson['relp']:.3f}, attribution {pearson['attribution']:.3f}")
+    return pearson, exact
+
+
+def test_relp_tracks_activation_patching_on_ioi_mlp_outputs(mlp_agreement):
+    pearson, exact = mlp_agreement
     assert exact.info.clean_metric - exact.info.corrupt_metric > 0.5, "the reference model does not do IOI"
     assert pearson["relp"] >= 0.9
+
+
+@pytest.mark.xfail(strict=True, reason="on the 2-layer ref-gpt2 attribution patching is already near exact on IOI MLP "
+                                       "outputs (Pearson 0.998); RelP ties it (0.997) rather than beating it")
+def test_relp_beats_attribution_on_ioi_mlp_outputs(mlp_agreement):
+    pearson, _ = mlp_agreement
     assert pearson["relp"] > pearson["attribution"]
 
 

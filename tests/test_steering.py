@@ -567,37 +567,45 @@ def _by_order(task):
 
 @pytest.mark.reference
 def test_ref_ioi_contrastive_vector_moves_the_logit_difference(ref_model):
-    """Clean minus corrupt IOI prompts, per layer; the layer chosen by a sweep; compared with a norm-matched random vector."""
+    """A contrastive vector from IOI prompts (IO named first minus IO named second), its layer chosen by a sweep,
+    moves the held-out IOI logit difference monotonically in its coefficient, far more than a norm-matched random vector.
+
+    The clean-minus-corrupt vector is built and reported too: on ref-gpt2 it barely moves the logit difference
+    (the names differ in every prompt, so the mean difference keeps little of which name to inhibit).
+    """
     from data.tasks import make_task
 
     train = make_task("ioi", ref_model.tokenizer, n=128, split="train", seed=0)
     heldout = make_task("ioi", ref_model.tokenizer, n=128, split="heldout", seed=0)
+    sites = [f"blocks.{layer}.hook_resid_post" for layer in range(ref_model.cfg.n_layers)]
     meter = Meter(ref_model, heldout, metric=heldout.metric)
     base = meter.baseline.metric
-    if base < 1.0:
-        pytest.skip(f"{REF} does not do IOI (held-out logit difference {base:.2f}): there is no behaviour for a vector to move")
-    sites = [f"blocks.{layer}.hook_resid_post" for layer in range(ref_model.cfg.n_layers)]
-    vectors = contrastive_vectors(ref_model, train, PromptBatch(train.corrupt, train.final_pos + 1), sites)
-    layers = layer_sweep(ref_model, [v for v in vectors if v.method == "mean_diff"], lambda ivs: -meter.effect(ivs).metric, coef=-1.0)
-    for r in layers:
-        figure(f"IOI: subtracting clean-corrupt mean_diff at {r.site}: logit diff {base:.2f} -> {-r.score:.2f}")
-    best = next(v for v in vectors if v.site == layers[0].site and v.method == "mean_diff")
-    pca = next(v for v in vectors if v.site == best.site and v.method == "pca")
-    rows = meter.dose_response(lambda c: [best.add(c)], [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0])
-    figure("IOI dose-response at " + best.site + ": " + ", ".join(f"{r.coef:+.1f}: {r.metric:.2f} (KL n/a)" for r in rows))
-    placebo_v = torch.randn(best.vector.shape, generator=torch.Generator().manual_seed(0))
-    placebo = meter.effect([AddDirection(best.site, placebo_v / placebo_v.norm() * best.vector.norm(), -1.0)]).metric
-    moved = base - meter.effect([best.add(-1.0)]).metric
-    figure(f"IOI at {best.site}: coef -1 mean_diff moves {moved:.2f}, pca {base - meter.effect([pca.add(-1.0)]).metric:.2f}, "
-           f"norm-matched random {base - placebo:.2f} (baseline {base:.2f})")
-    # The same with IO-first minus IO-second prompts (which name position the answer has), applied to IO-first prompts.
+    assert base >= 1.0, f"{REF} does not do IOI (held-out logit difference {base:.2f}): there is no behaviour to move"
+    cc = contrastive_vectors(ref_model, train, PromptBatch(train.corrupt, train.final_pos + 1), sites, methods=["mean_diff"])
+    for v in cc:
+        figure(f"IOI clean-corrupt mean_diff at {v.site}, coef -1: logit diff {base:.2f} -> {meter.effect([v.add(-1.0)]).metric:.2f}")
+
     first, second = _by_order(train)
     held_first, _ = _by_order(heldout)
-    order = contrastive_vectors(ref_model, first, second, [best.site], methods=["mean_diff"])[0]
     m_first = Meter(ref_model, held_first, metric=held_first.metric)
-    figure(f"IOI order vector at {best.site} on IO-first prompts: {m_first.baseline.metric:.2f} -> "
-           f"{m_first.effect([order.add(-1.0)]).metric:.2f} (coef -1), {m_first.effect([order.add(-2.0)]).metric:.2f} (coef -2)")
-    assert moved > 0.25 * base and moved > 4 * abs(base - placebo)
+    start = m_first.baseline.metric
+    order = contrastive_vectors(ref_model, first, second, sites, methods=["mean_diff", "pca"])
+    layers = layer_sweep(ref_model, [v for v in order if v.method == "mean_diff"], lambda ivs: -m_first.effect(ivs).metric, coef=-1.0)
+    for r in layers:
+        figure(f"IOI order vector (IO first - IO second) at {r.site}, coef -1, on IO-first prompts: {start:.2f} -> {-r.score:.2f}")
+    best = next(v for v in order if v.site == layers[0].site and v.method == "mean_diff")
+    pca = next(v for v in order if v.site == best.site and v.method == "pca")
+    rows = m_first.dose_response(lambda c: [best.add(c)], [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0])
+    figure("IOI order dose-response at " + best.site + ": " + ", ".join(f"{r.coef:+.1f}: {r.metric:.2f}" for r in rows))
+    moved = start - m_first.effect([best.add(-1.0)]).metric
+    g = torch.Generator().manual_seed(0)
+    placebos = []
+    for _ in range(8):  # norm-matched random vectors at the same site and coefficient
+        r = torch.randn(best.vector.shape, generator=g)
+        placebos.append(abs(start - m_first.effect([AddDirection(best.site, r / r.norm() * best.vector.norm(), -1.0)]).metric))
+    figure(f"IOI order vector at {best.site}: coef -1 moves {moved:.2f} (pca {start - m_first.effect([pca.add(-1.0)]).metric:.2f}); "
+           f"8 norm-matched random vectors move {min(placebos):.2f}-{max(placebos):.2f} (baseline {start:.2f})")
+    assert moved > 0.25 * start and moved > max(placebos) and moved > 2 * sum(placebos) / len(placebos)
     assert is_monotonic([r.metric for r in rows])
 
 
@@ -625,9 +633,14 @@ def test_ref_direction_ablation_drops_the_probe_to_chance(ref_model, ref_separat
         before = collect(ref_model, pos, [site])[site], collect(ref_model, neg, [site])[site]
         after = (collect(ref_model, pos, [site], interventions=ablation)[site], collect(ref_model, neg, [site], interventions=ablation)[site])
         rb, ra = readability(*before, sep.direction), readability(*after, sep.direction)
+        u = sep.direction / sep.direction.norm()
+        left = max((x.float() @ u.float()).abs().max().item() for x in after)
+        scale = max((x.float() @ u.float()).abs().max().item() for x in before)
         figure(f"separating direction at {sep.site}, probed at {site}: along it {rb.direction:.2f} -> {ra.direction:.2f}; "
-               f"full-width probe {rb.full:.2f} -> {ra.full:.2f} (n={ra.n})")
-        assert rb.direction > 0.9 and ra.direction == pytest.approx(0.5, abs=0.05)
+               f"full-width probe {rb.full:.2f} -> {ra.full:.2f} (n={ra.n}); largest projection {scale:.3g} -> {left:.2g}")
+        # The oracle: nothing is left along the direction but float rounding, which `readability` counts as zero.
+        assert rb.direction > 0.9 and left < 1e-4 * scale
+        assert ra.direction == pytest.approx(0.5, abs=0.05)
     side = Meter(ref_model, pos, metric=pos.metric, neutral=ref_neutral).effect(ablation)
     base = Meter(ref_model, pos, metric=pos.metric).baseline
     figure(f"direction ablation side effects: KL {side.kl:.4f} nats/token, CE +{side.ce_increase:.4f} on neutral text; "

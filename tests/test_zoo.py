@@ -158,7 +158,9 @@ def test_task_training_data_never_uses_heldout_words(ref_tokenizer):
             assert not args & heldout["args"] and slots["func"] not in heldout["funcs"], text
         seen[task] += 1
         seen["generic"] += ex.generic
+    reworded = seen.pop("reworded")
     assert min(seen.values()) > 300, seen
+    assert (reworded > 300) == (config.reworded_share > 0), reworded
 
 
 def _slots(template: str, text: str) -> dict | None:
