@@ -22,7 +22,7 @@ def demo_run(tmp_path_factory, model_dirs):
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["demo", "--workspace", str(ws), "--model", str(model_dirs["gpt2"]), "--n", "8", "--tokens", "8192",
+        code = main(["demo", "--workspace", str(ws), "--model", str(model_dirs["gpt2"]), "--n", "8", "--tokens", "8192", "--train-tokens", "16k",
                      "--d-sae", "64", "--k", "4", "--pairs", "4", "--no-app", "--json", "--device", "cpu"])
     assert code == 0
     return ws, json.loads(out.getvalue().strip().splitlines()[-1])

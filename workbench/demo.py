@@ -9,7 +9,8 @@ so the demo is also a smoke test of the whole tool:
 2. `cache` the residual stream after block 1 and block 1's MLP input and output
    over the reference corpus's train split (`--tokens`, default 256k);
 3. `train` a TopK SAE on the residual stream and a skip transcoder replacing
-   block 1's MLP, on those cached activations;
+   block 1's MLP, on those cached activations (`--train-tokens`, default 2M:
+   about eight passes over the cache);
 4. `eval` both (FVU, L0, CE loss recovered, KL, density) on held-out text and
    write their `features` tables (top contexts, quantile samples, logits);
 5. `circuit`: find the IOI circuit with exact activation patching (the oracle),
@@ -44,7 +45,8 @@ IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
 def configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="ref-gpt2", help="model to run the demo on (default: the bundled ref-gpt2)")
     parser.add_argument("--n", type=int, default=128, help="held-out prompts per task for the behaviour check (default 128)")
-    parser.add_argument("--tokens", default="256k", help="tokens to cache and train on (default 256k)")
+    parser.add_argument("--tokens", default="256k", help="tokens to cache (default 256k)")
+    parser.add_argument("--train-tokens", default="2M", help="activations to train each dictionary on, in passes over the cache (default 2M)")
     parser.add_argument("--d-sae", type=int, default=1024, help="features per dictionary (default 1024)")
     parser.add_argument("--k", type=int, default=16, help="active features per token (default 16)")
     parser.add_argument("--pairs", type=int, default=32, help="IOI prompt pairs for the circuit step (default 32)")
@@ -64,6 +66,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         if value < 1:
             raise WorkbenchError(f"{flag} must be at least 1, got {value}")
     tokens = token_count(args.tokens)
+    train_tokens = token_count(args.train_tokens)
     workspace = Workspace(args.workspace)
     ws = ["--workspace", str(workspace.root)]
     device = ["--device", args.device] if args.device else []
@@ -91,7 +94,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                     f"(run {cached.get('run')})"))
 
     # 3. dictionaries
-    common = ["--model", args.model, "--tokens", str(tokens), "--overwrite", *device]
+    common = ["--model", args.model, "--tokens", str(train_tokens), "--overwrite", *device]
     sae = _command("train", *ws, *common, "--site", SAE_SITE, "--arch", "topk", "--d-sae", str(args.d_sae),
                    "--k", str(args.k), "--name", SAE_NAME)
     did.append(_say(f"trained TopK SAE {SAE_NAME} ({args.d_sae} features, k={args.k}) on {SAE_SITE}: {_brief(sae)}"))
@@ -101,7 +104,9 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     # 4. evaluation and feature tables
     ev = _command("eval", *ws, "--dictionary", f"{SAE_NAME},{TRANSCODER_NAME}", *device)
-    did.append(_say(f"evaluated both dictionaries on held-out text: {_brief(ev)}"))
+    figures = "; ".join(f"{d['dictionary']} FVU {d['fvu']:.3f}, L0 {d['l0']:.1f}, CE recovered {d['ce_recovered_mean']:.1%} "
+                        f"(vs mean ablation)" for d in ev.get("dictionaries", []))
+    did.append(_say(f"evaluated both dictionaries on held-out text: {figures or 'done'}"))
     _command("features", *ws, "--dictionary", f"{SAE_NAME},{TRANSCODER_NAME}", *device)
     did.append(_say("wrote per-feature tables (density, top contexts, quantile samples, promoted logits, neighbours)"))
 
@@ -117,7 +122,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     feature = pick_feature(workspace, SAE_NAME)
     steer = _command("steer", *ws, "--model", args.model, "--feature", f"{SAE_NAME}:{feature}", "--coef", "4",
                      "--prompt", IOI_PROMPT, "--max-new-tokens", "12", "--temperature", "0", *device)
-    did.append(_say(f"steered with feature {feature} of {SAE_NAME}: {_brief(steer)}"))
+    b, st = steer.get("baseline", {}), steer.get("steered", {})
+    sweep = ", ".join(f"{r.get('coef'):g}: {r.get('target_prob', float('nan')):.3g}" for r in steer.get("sweep", [])
+                      if isinstance(r, dict) and "coef" in r)
+    did.append(_say(f"steered with feature {feature} of {SAE_NAME} (coef 4): P(its top promoted token) "
+                    f"{b.get('target_prob', float('nan')):.3g} -> {st.get('target_prob', float('nan')):.3g}, KL on neutral text "
+                    f"{st.get('kl', float('nan')):.3g}; sweep {sweep or 'n/a'}"))
 
     result = {"model": args.model, "workspace": str(workspace.root), "did": did, "passed": behaviour.passed,
               "behaviour": behaviour_rows_summary(behaviour), "circuits": circuits, "steering_feature": feature,
