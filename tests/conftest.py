@@ -7,7 +7,14 @@ take more than ~20 s.
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# One OpenMP thread per process (unless the caller chose otherwise): the suite's models are tiny, and many tests
+# run helper processes (Streamlit servers, torchrun workers, CLI subprocesses) beside pytest; on a 2-core machine
+# two spinning OpenMP threads per process oversubscribe the cores and made live-server tests miss their timeouts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 from tests.tiny import ARCHITECTURES, build_tiny_model, tiny_tokenizer
 
