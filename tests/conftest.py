@@ -14,6 +14,14 @@ import os
 # two spinning OpenMP threads per process oversubscribe the cores and made live-server tests miss their timeouts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import signal  # noqa: E402
+
+# A shell that starts pytest in the background (`cmd &`) leaves SIGINT ignored, and exec'd children inherit an
+# ignored signal, so the tests that press Ctrl-C on a cache job or the app server would see it ignored. Catching
+# it here makes children start with the default disposition again (Python then turns it into KeyboardInterrupt).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import pytest  # noqa: E402
 
 from tests.tiny import ARCHITECTURES, build_tiny_model, tiny_tokenizer
