@@ -79,7 +79,7 @@ import string
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -444,7 +444,9 @@ def reword_template(template: str, pool: list[str], rng: random.Random) -> str:
 
 def _reworded_ioi(ex: Example, template: str, names: list[str] | None, rng: random.Random) -> Example:
     """The example's names, place and object in a reworded template (fresh generic names when `names` is given)."""
-    slots = _template_slots(IOI_TRAIN_TEMPLATES[ex.template], ex.clean)
+    slots = template_slots(IOI_TRAIN_TEMPLATES[ex.template], ex.clean)
+    if slots is None:
+        raise DataError(f"{ex.clean!r} does not follow the template {IOI_TRAIN_TEMPLATES[ex.template]!r}")
     n1, n2, s = slots["N1"], slots["N2"], slots["S"]
     io = n1 if s == n2 else n2
     if names is not None:
@@ -455,7 +457,7 @@ def _reworded_ioi(ex: Example, template: str, names: list[str] | None, rng: rand
     return Example(clean, "", answers=(" " + io,), wrongs=(" " + s,), template=ex.template)
 
 
-def _template_slots(template: str, text: str) -> dict[str, str]:
+def template_slots(template: str, text: str) -> dict[str, str] | None:
     """The values `text` gives the placeholders of `template` (a repeated placeholder must repeat)."""
     pattern, named = "", set()
     for literal, name, _, _ in string.Formatter().parse(template):
@@ -464,9 +466,7 @@ def _template_slots(template: str, text: str) -> dict[str, str]:
             pattern += f"(?P={name})" if name in named else f"(?P<{name}>.+?)"
             named.add(name)
     match = re.fullmatch(pattern, text, re.S)
-    if match is None:
-        raise DataError(f"{text!r} does not follow the template {template!r}")
-    return match.groupdict()
+    return match.groupdict() if match else None
 
 
 def reword_words(tokenizer) -> list[str]:

@@ -167,6 +167,17 @@ def wait_for_app(driver, timeout: float = 90.0, settle: float = 0.6) -> None:
     raise TimeoutError(f"the app page did not finish within {timeout} s (state {state!r})")
 
 
+def wait_for_charts(driver, timeout: float = 60.0) -> dict | None:
+    """Wait until a report page has drawn (or failed) every chart; return its `window.__charts` state."""
+    deadline, state = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        state = driver.execute_script("return window.__charts")
+        if state and state["drawn"] + len(state["failed"]) >= state["total"]:
+            break
+        time.sleep(0.2)
+    return state
+
+
 def page_problems(driver) -> list[str]:
     """Exceptions (tracebacks) and error boxes shown on the page, as text."""
     found = driver.execute_script(

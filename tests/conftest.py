@@ -47,6 +47,17 @@ def tiny_model(model_dirs):
     return load_model(model_dirs["gpt2"], device="cpu")
 
 
+@pytest.fixture(scope="module")
+def ref_model():
+    """The bundled reference model booted through load_model, once per module (tests must not leave hooks behind)."""
+    from data import bundled_model_dir
+    from workbench.model import load_model
+
+    if not (bundled_model_dir("ref-gpt2") / "config.json").is_file():
+        pytest.skip("ref-gpt2 is not built (python -m workbench zoo build)")
+    return load_model("ref-gpt2", device="cpu")
+
+
 @pytest.fixture
 def workspace(tmp_path):
     from workbench.workspace import Workspace

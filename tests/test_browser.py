@@ -9,12 +9,11 @@ off, and every chart must draw.
 
 from __future__ import annotations
 
-import time
 from urllib.parse import quote
 
 import pytest
 
-from tests.app_fixture import chromium, chromium_available, page_problems, screenshot, wait_for_app
+from tests.app_fixture import chromium, chromium_available, page_problems, screenshot, wait_for_app, wait_for_charts
 from tests.test_app import app_fixture  # noqa: F401  (the session-scoped fixture workspace)
 
 pytestmark = [pytest.mark.browser,
@@ -113,13 +112,7 @@ def test_report_renders_offline_with_every_chart(app_fixture, tmp_path):  # noqa
     with chromium(offline=True) as driver:
         driver.set_window_size(1300, 2400)
         driver.get(result.html.as_uri())
-        deadline, state = time.monotonic() + 60, None
-        while time.monotonic() < deadline:
-            state = driver.execute_script("return window.__charts")
-            if state and state["drawn"] + len(state["failed"]) >= state["total"]:
-                break
-            time.sleep(0.2)
-        assert state == {"total": result.charts, "drawn": result.charts, "failed": []}
+        assert wait_for_charts(driver) == {"total": result.charts, "drawn": result.charts, "failed": []}
         assert driver.execute_script("return document.querySelectorAll('.chart svg').length") == result.charts
         assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0, "the report fetched something"
         text = driver.execute_script("return document.body.innerText")

@@ -14,21 +14,11 @@ import pytest
 
 from circuits.components import one_length
 from circuits.evaluate import agreement_table
-from data import bundled_model_dir
 from data.tasks import make_task
 from workbench.cli import main
 
 pytestmark = pytest.mark.reference
 REF = "ref-gpt2"
-
-
-@pytest.fixture(scope="module")
-def ref_model():
-    if not (bundled_model_dir(REF) / "config.json").is_file():
-        pytest.skip(f"{REF} is not built (python -m workbench zoo build)")
-    from workbench.model import load_model
-
-    return load_model(REF, device="cpu")
 
 
 @pytest.fixture(scope="module")

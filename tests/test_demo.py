@@ -84,9 +84,7 @@ def test_demo_rejects_bad_sizes_in_one_line(tmp_path, capsys):
 @pytest.mark.browser
 def test_report_from_the_demo_workspace_renders_offline(demo_run, tmp_path):
     """The report of the workspace the demo built draws every chart in a browser with the network cut."""
-    import time
-
-    from tests.app_fixture import chromium, chromium_available
+    from tests.app_fixture import chromium, chromium_available, wait_for_charts
     from workbench.report import build_report
     from workbench.workspace import Workspace
 
@@ -97,13 +95,7 @@ def test_report_from_the_demo_workspace_renders_offline(demo_run, tmp_path):
     assert result.charts >= 4
     with chromium(offline=True) as driver:
         driver.get(result.html.as_uri())
-        deadline, state = time.monotonic() + 60, None
-        while time.monotonic() < deadline:
-            state = driver.execute_script("return window.__charts")
-            if state and state["drawn"] + len(state["failed"]) >= state["total"]:
-                break
-            time.sleep(0.2)
-        assert state == {"total": result.charts, "drawn": result.charts, "failed": []}
+        assert wait_for_charts(driver) == {"total": result.charts, "drawn": result.charts, "failed": []}
         assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0
         text = driver.execute_script("return document.body.innerText")
         assert "demo-sae" in text and "activation" in text  # the dictionary and the circuit methods the demo ran

@@ -493,16 +493,6 @@ def figure(message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ref_model():
-    from data import bundled_model_dir
-    from workbench.model import load_model
-
-    if not (bundled_model_dir(REF) / "config.json").is_file():
-        pytest.skip(f"{REF} is not built (python -m workbench zoo build)")
-    return load_model(REF, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def ref_neutral(ref_model):
     from workbench.steering import neutral_tokens
 

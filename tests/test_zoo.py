@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -22,17 +21,11 @@ import torch
 from data import BUNDLED_MODELS, bundled_model_dir
 from data.tasks import GT_CENTURIES, GT_YEARS, HELDOUT_TEMPLATES, TEMPLATES
 from data.words import DOC_ARGS, DOC_FUNCS, GT_NOUNS, IOI_OBJECTS, IOI_PLACES, NAMES, split_pool
-from data.zoo import PRESETS, THRESHOLDS, build, config_from_dict, hf_logits, measure, publish, read_card, training_examples
+from data.zoo import (PRESETS, THRESHOLDS, build, config_from_dict, hf_logits, measure, publish, read_card, template_slots,
+                      training_examples)
 
 REPO = Path(__file__).resolve().parents[1]
 REF = bundled_model_dir("ref-gpt2")
-
-
-@pytest.fixture(scope="module")
-def ref_model():
-    from workbench.model import load_model
-
-    return load_model("ref-gpt2", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +135,13 @@ def test_task_training_data_never_uses_heldout_words(ref_tokenizer):
     for ex in itertools.islice(training_examples(config, ref_tokenizer), 6000):
         task, text = ex.task, ex.example.clean
         for template in TEMPLATES[task][-HELDOUT_TEMPLATES[task]:]:
-            assert _slots(template, text) is None, f"held-out template used: {text!r}"
+            assert template_slots(template, text) is None, f"held-out template used: {text!r}"
         if ex.template is not None:  # a reworded IOI sentence: none of the held-out sentences' own words
             own = set(re.findall(r"[A-Za-z]+", ex.template.replace("{N1}", "").replace("{N2}", "").replace("{S}", "")
                                  .replace("{place}", "").replace("{object}", "")))
             assert not own & (heldout_template_words - {"and", "to"}), ex.template
             seen["reworded"] += 1
-        slots = _slots(ex.template or TEMPLATES[task][: -HELDOUT_TEMPLATES[task]][ex.example.template], text)
+        slots = template_slots(ex.template or TEMPLATES[task][: -HELDOUT_TEMPLATES[task]][ex.example.template], text)
         assert slots is not None, text
         if task == "ioi":
             assert not {slots["N1"], slots["N2"], slots["S"], ex.answer.strip()} & heldout["names"], text
@@ -165,18 +158,6 @@ def test_task_training_data_never_uses_heldout_words(ref_tokenizer):
     reworded = seen.pop("reworded")
     assert min(seen.values()) > 300, seen
     assert (reworded > 300) == (config.reworded_share > 0), reworded
-
-
-def _slots(template: str, text: str) -> dict | None:
-    """The values a text gives a template's placeholders (repeated placeholders must repeat), or None."""
-    pattern, named = "", set()
-    for literal, name, _, _ in string.Formatter().parse(template):
-        pattern += re.escape(literal)
-        if name:
-            pattern += f"(?P={name})" if name in named else f"(?P<{name}>.+?)"
-            named.add(name)
-    match = re.fullmatch(pattern, text, re.S)
-    return match.groupdict() if match else None
 
 
 # ---------------------------------------------------------------------------- the build
