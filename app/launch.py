@@ -64,7 +64,11 @@ def start_app(workspace: str | os.PathLike | None = None, *, port: int | None = 
     with open(log_path, "ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=child_env, cwd=str(APP_FILE.parent))
     server = AppServer(f"http://{host}:{port}", process, ws.root, log_path)
-    _wait_healthy(server, timeout)
+    try:
+        _wait_healthy(server, timeout)
+    except BaseException:  # a failed or interrupted start leaves no server behind
+        server.stop()
+        raise
     return server
 
 
@@ -89,12 +93,13 @@ def serve(workspace: str | os.PathLike | None = None, *, port: int | None = None
           open_browser: bool = True) -> dict:
     """Start the app, open it in a browser tab, and serve until Ctrl+C (what the demo ends with)."""
     server = start_app(workspace, port=port, host=host)
-    print(f"workbench app on {server.workspace}: {server.url}  (Ctrl+C stops it; log {server.log})", file=sys.stderr)
-    if open_browser:
-        import webbrowser
+    try:  # from here on Ctrl+C is the way to stop serving, wherever it lands
+        print(f"workbench app on {server.workspace}: {server.url}  (Ctrl+C stops it; log {server.log})", file=sys.stderr,
+              flush=True)
+        if open_browser:
+            import webbrowser
 
-        webbrowser.open(server.url)
-    try:
+            webbrowser.open(server.url)
         server.process.wait()
     except KeyboardInterrupt:
         pass
