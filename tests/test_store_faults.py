@@ -10,6 +10,7 @@ import contextlib
 import io
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,7 +130,7 @@ def test_reader_open_during_a_write(tmp_path, model_dirs, tiny_model, corpus):
     proc = start(argv(ws, model_dirs["gpt2"], corpus, sequences, segment_sequences=2))
     wait_for_segments(proc, ws, 1)
     first = list_segments(run_dir(ws))[0].path
-    held = duckdb.connect(str(first), read_only=True)  # like an app that never lets go
+    held = duckdb.connect(str(first / "tokens.duckdb"), read_only=True)  # like an app that never lets go
     store, seen = ActivationStore(ws), []
     try:
         while proc.poll() is None:
@@ -140,7 +141,7 @@ def test_reader_open_during_a_write(tmp_path, model_dirs, tiny_model, corpus):
             catalog = Workspace(ws).sql("SELECT DISTINCT rows FROM activation_catalog")
             assert len(catalog) == 1
             seen.append((run.sequences, acts))
-            held.execute("SELECT count(*) FROM activations").fetchall()
+            held.execute("SELECT count(*) FROM tokens").fetchall()
     finally:
         held.close()
     _, err = proc.communicate(timeout=60)
@@ -158,9 +159,10 @@ def test_disk_full_keeps_earlier_data_and_resumes(tmp_path, model_dirs, tiny_mod
     assert code == 0, err
     store = ActivationStore(ws)
     before = scan_all(store, tiny_model, SITES[1])
-    files = {p: p.read_bytes() for p in run_dir(ws).iterdir()}
-    # extend the run with the limit below one segment file: the first new segment cannot be written
-    with file_size_limit(192 * 1024):
+    files = {p: p.read_bytes() for p in run_dir(ws).rglob("*") if p.is_file()}
+    # extend the run with the limit below one site file of a segment: the first new segment cannot be written
+    assert all(p.stat().st_size > 4096 for p in run_dir(ws).rglob("*.npy"))
+    with file_size_limit(4096):
         code, err = run_in_process(argv(ws, model_dirs["gpt2"], corpus, 24, segment_sequences=2))
     last = err.strip().splitlines()[-1]
     assert code == 1 and last.startswith("error: disk full") and "re-run" in last, err[-2000:]
@@ -191,29 +193,33 @@ def test_corrupt_segment_gives_a_clear_error_and_the_rest_stays_readable(tmp_pat
     good = scan_all(store, tiny_model, SITES[0])
     segments = list_segments(run_dir(ws))
     bad = segments[1].path
-    with duckdb.connect(str(bad), read_only=True) as con:  # where the site's first data block lies
-        block, size = con.execute("SELECT min(block_id), any_value(current_setting('default_block_size')) FROM "
-                                  "pragma_storage_info('activations') WHERE column_name = ? AND segment_type = 'FLOAT'",
-                                  [SITES[0]]).fetchone()
-    with open(bad, "r+b") as f:  # damage it (after the three 4 KiB file headers)
-        f.seek(3 * 4096 + block * int(size) + 1024)
-        f.write(os.urandom(256))
+    site_data = bad / f"{SITES[0]}.npy"
+    with open(site_data, "r+b") as f:  # damage the data (past the 128-byte header): a few bytes flipped
+        f.seek(128 + 1000)
+        f.write(b"\x12\x34\x56\x78\x9a\xbc\xde\xf0")
     with pytest.raises(WorkbenchError) as e:
         list(store.batches(tiny_model, SITES[0], 64))
     message = str(e.value)
-    assert bad.name in message and "delete this file and re-run" in message and "\n" not in message
+    assert bad.name in message and site_data.name in message and "checksum" in message and "re-run" in message
+    assert "\n" not in message
+    with pytest.raises(WorkbenchError, match="checksum"):  # in-order reads check too
+        scan_all(store, tiny_model, SITES[0])
     rows = segments[0].rows(CTX)  # the segment before it reads back unchanged
     head = scan_all(store, tiny_model, SITES[0], max_rows=rows)
     assert torch.equal(head[2], good[2][:rows])
     tail = scan_all(store, tiny_model, SITES[0], start_row=2 * rows)
     assert torch.equal(tail[2], good[2][2 * rows:])
     assert len(Workspace(ws).sql("SELECT * FROM activation_catalog")) == len(SITES)
-    # a damaged header is caught when the job checks its segments
-    with open(bad, "r+b") as f:
-        f.write(b"\0" * 64)
-    code, err = run_in_process(args)
-    assert code == 1 and bad.name in err and "delete" in err
+    # a damaged header, or a damaged token table, is caught when the job checks its segments
+    for damaged_file in (site_data, bad / "tokens.duckdb"):
+        original = damaged_file.read_bytes()
+        with open(damaged_file, "r+b") as f:
+            f.write(b"\0" * 64)
+        code, err = run_in_process(args)
+        last = err.strip().splitlines()[-1]
+        assert code == 1 and bad.name in last and damaged_file.name in last and "delete" in last, err[-2000:]
+        damaged_file.write_bytes(original)
     # doing what the message says recomputes exactly the missing sequences
-    bad.unlink()
+    shutil.rmtree(bad)
     assert run_in_process(args)[0] == 0
     assert_matches_fresh_forward(tiny_model, corpus, ws, 12)

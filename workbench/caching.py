@@ -12,18 +12,20 @@ What one cache job does (the layout and the reading side are in `workbench.store
    hold the same sites with the same shapes (a width that changed means a
    different model under the same name: refused), dtype, context, corpus and
    tokenizer; a larger token count extends it.
-4. Tidy what a killed job left: temporary segment files are deleted (they were
-   never visible); every published segment is opened and its row count checked;
+4. Tidy what a killed job left: temporary segment directories are deleted (they
+   were never visible); every published segment's description, token table and
+   site-file headers are checked against what its name promises;
    the workspace mirrors (catalog and token shards) are rewritten to match.
 5. Stream token rows from the corpus in their fixed order, skip the sequences
    already published (checking that the last of them still tokenizes the same),
    and fill each missing range segment by segment: a forward pass per batch of
    sequences with one capture hook per site and `stop_at_layer` past the deepest
    site; refuse non-finite values (naming the site and rows); convert to the
-   storage dtype; hand the rows to a writer thread that inserts them into the
-   segment's private DuckDB file inside one transaction, overlapping the next
-   forward pass. A full segment is committed, checkpointed, closed and renamed
-   into place; then its token shard, the catalog shard and the progress JSON follow.
+   storage dtype; hand the rows to a writer thread that appends them to the
+   segment's raw site files in a private temporary directory, overlapping the next
+   forward pass. A full segment gets its headers, checksums, token table and
+   description, is fsynced and renamed into place (while the next segment is being
+   computed); then its token shard, the catalog shard and the progress JSON follow.
 6. A corpus shorter than asked for is said so on stderr; what it had is cached.
 
 Interrupting (Ctrl-C, SIGKILL, a full disk) loses at most the segment in flight:
@@ -57,22 +59,28 @@ import torch
 from torch import Tensor
 
 from workbench.errors import WorkbenchError
+from workbench.streaming import prefetched
 from workbench.store import (
     CATALOG_TABLE,
     STORAGE,
     TOKENS_TABLE,
     ActivationStore,
     RunManifest,
+    CHUNK_ROWS,
     Segment,
     catalog_rows,
+    chunk_checksums,
     job_name,
     list_segments,
     model_name,
     open_segment,
     read_manifest,
     run_directory,
+    read_segment_info,
     run_key,
     segment_path,
+    site_array,
+    site_file,
     storage_name,
 )
 from workbench.workspace import atomic_write_text, check_name
@@ -303,22 +311,24 @@ class _CacheJob:
                         leftover.unlink(missing_ok=True)
 
     def _verify_published(self) -> list[Segment]:
-        """Open every published segment and check it holds the rows its name promises."""
+        """Check every published segment holds the rows and sites its name promises (headers only: the data's
+        checksums are checked by every reader, chunk by chunk, as it reads)."""
         segments = list_segments(self.directory)
-        ctx = self.manifest.context
+        m = self.manifest
         for a, b in itertools.pairwise(segments):
             if b.first < a.end:
                 raise WorkbenchError(f"segments {a.path.name} and {b.path.name} overlap; remove the one you did not expect")
         for seg in segments:
+            info = read_segment_info(seg)
             with open_segment(seg) as con:
-                (count,) = con.execute("SELECT count(*) FROM activations").fetchone()
-                columns = [r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE database_name = 'seg' "
-                                                     "AND table_name = 'activations' ORDER BY column_index").fetchall()]
-            if count != seg.rows(ctx) or columns[3:] != list(self.manifest.sites):
+                (count,) = con.execute("SELECT count(*) FROM tokens").fetchone()
+            if count != seg.rows(m.context) or list(info["sites"]) != list(m.sites):
                 raise WorkbenchError(
-                    f"segment file {seg.path} holds {count} rows of {columns[3:]}, expected {seg.rows(ctx)} of "
-                    f"{list(self.manifest.sites)}; delete it and re-run the same command to recompute it"
+                    f"segment {seg.path} holds {count} rows of {list(info['sites'])}, expected {seg.rows(m.context)} of "
+                    f"{list(m.sites)}; delete it and re-run the same command to recompute it"
                 )
+            for site in m.sites:
+                site_array(seg, site, info, m.width(site), STORAGE[m.dtype])
         return segments
 
     def _refresh_mirrors(self, segments: list[Segment]) -> None:
@@ -349,7 +359,7 @@ class _CacheJob:
         batch: list[list[int]] = []
         try:
             for piece, i, row in self._wanted_rows(pieces, check):
-                writer = writer or SegmentWriter(self.directory, piece[0], self.manifest, writer_memory_limit(self.manifest))
+                writer = writer or SegmentWriter(self.directory, piece[0], self.manifest)
                 batch.append(row)
                 end_of_piece = i == piece[1] - 1
                 if len(batch) == self.batch_size or end_of_piece:
@@ -385,8 +395,16 @@ class _CacheJob:
         piece = next(todo)
         recheck: list[list[int]] | None = [] if check is not None else None
         self.exhausted_at = None
+        # Tokenizing runs in a thread of its own, ahead of the forward passes (the tokenizer releases the GIL):
+        # inline, it was 15% of the caching time of the reference model.
+        rows = prefetched(lambda: token_chunks(self.model.tokenizer, documents(m.corpus, m.split), m.context), depth=4 * self.batch_size)
+        with contextlib.closing(rows):
+            yield from self._walk(rows, todo, piece, check, recheck)
+
+    def _walk(self, rows, todo, piece, check, recheck):
+        m = self.manifest
         seen = 0
-        for i, row in enumerate(token_chunks(self.model.tokenizer, documents(m.corpus, m.split), m.context)):
+        for i, row in enumerate(rows):
             seen = i + 1
             if recheck is not None and check.first <= i < check.end:
                 recheck.append(row)
@@ -416,7 +434,7 @@ class _CacheJob:
 
     def _check_tokens(self, seg: Segment, rows: list[list[int]]) -> None:
         with open_segment(seg) as con:
-            stored = con.execute("SELECT token FROM activations ORDER BY seq_id, pos").fetchnumpy()["token"]
+            stored = con.execute("SELECT token FROM tokens ORDER BY seq_id, pos").fetchnumpy()["token"]
         if not np.array_equal(np.asarray(stored, dtype=np.int64), np.asarray(rows, dtype=np.int64).reshape(-1)):
             raise WorkbenchError(
                 f"corpus {self.manifest.corpus!r} no longer gives the tokens stored in {seg.path.name}: it changed since "
@@ -446,7 +464,7 @@ class _CacheJob:
         m = self.manifest
         if tokens is None:
             with open_segment(seg) as con:
-                table = con.sql("SELECT seq_id, pos, token FROM activations").to_arrow_table()
+                table = con.sql("SELECT seq_id, pos, token FROM tokens ORDER BY seq_id, pos").to_arrow_table()
         else:
             batch, ctx = tokens.shape
             table = pa.table({"seq_id": pa.array(np.repeat(np.arange(seg.first, seg.end, dtype=np.int32), ctx)),
@@ -554,53 +572,57 @@ def storage_values(x: Tensor, dtype: str) -> np.ndarray:
     return flat.numpy() if dtype != "bfloat16" else flat.view(torch.int16).numpy().view(np.uint16)
 
 
-def rows_table(first_seq: int, tokens: Tensor, values: dict[str, np.ndarray], manifest: RunManifest) -> "pa.Table":
-    """The Arrow rows of one batch: seq_id, pos, token, then one fixed-size array column per site (zero-copy)."""
+def tokens_table(first_seq: int, tokens: Tensor) -> "pa.Table":
+    """The Arrow token rows of `tokens` [sequences, context]: seq_id, pos, token."""
     import pyarrow as pa
 
     batch, ctx = tokens.shape
-    columns = {
+    return pa.table({
         "seq_id": pa.array(np.repeat(np.arange(first_seq, first_seq + batch, dtype=np.int32), ctx)),
         "pos": pa.array(np.tile(np.arange(ctx, dtype=np.int16), batch)),
         "token": pa.array(tokens.numpy().astype(np.int32).reshape(-1)),
-    }
-    for site in manifest.sites:
-        v = values[site]
-        if v.dtype == np.float16:
-            v = v.view(np.uint16)  # stored as raw IEEE half bits
-        columns[site] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), manifest.width(site))
-    return pa.table(columns)
+    })
 
 
 # ====================================================================== the segment writer
-class SegmentWriter:
-    """Writes one segment from a background thread: checks, converts and inserts row batches into a private
-    DuckDB file, then (on `finish`) commits, checkpoints and renames it into place.
+NPY_HEADER_BYTES = 128  # fixed, so the header can be written last, once the row count is known
 
-    DuckDB and numpy release the GIL, so this work overlaps the next forward pass,
-    and publishing a segment (the fsync of a commit) overlaps computing the next one.
-    The queue holds at most two batches (bounded memory). All inserts share one
-    transaction: nothing goes through the WAL, and an interrupted segment leaves
-    only a temporary file, which the next job deletes.
+
+def npy_header(dtype: np.dtype, rows: int, width: int) -> bytes:
+    """A `.npy` (format 1.0) header for a C-order [rows, width] array, space-padded to NPY_HEADER_BYTES."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (rows, width)})
+    body = text.encode("latin1")
+    pad = NPY_HEADER_BYTES - 10 - len(body) - 1
+    if pad < 0:
+        raise WorkbenchError(f"a segment of {rows} rows is too large for its file header")
+    body += b" " * pad + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
+
+
+class SegmentWriter:
+    """Writes one segment from a background thread: checks, converts and appends row batches to the raw site
+    files of a private temporary directory, then (on `finish`) writes the headers, checksums, token table and
+    description, fsyncs and renames the directory into place.
+
+    numpy and file writes release the GIL, so this work overlaps the next forward pass, and
+    publishing a segment overlaps computing the next one. The queue holds at most two batches
+    (bounded memory). An interrupted segment leaves only a temporary directory, which the next
+    job deletes.
     """
 
-    def __init__(self, directory: Path, first: int, manifest: RunManifest, memory_limit: int):
-        import duckdb
-
+    def __init__(self, directory: Path, first: int, manifest: RunManifest):
         self.tmp = directory / f".seg-{first:09d}.{uuid.uuid4().hex[:8]}.tmp"
         self.manifest = manifest
-        self.tokens: list[Tensor] = []  # [batch, context] per appended batch, for the workspace's token shard
+        self.tokens: list[Tensor] = []  # [batch, context] per appended batch, for the token table and shard
+        self.rows = 0
         self.error: BaseException | None = None
-        config = {"threads": 1, "memory_limit": f"{memory_limit // 2**20}MB", "force_compression": "uncompressed"}
-        self.con = duckdb.connect(":memory:", config=config)
+        self.files = {}
         try:
-            # Row groups of about 16 MiB: DuckDB writes each full row group to the file as soon as it is
-            # complete (in this thread, overlapping the forward passes), leaving little for the final commit.
-            path = str(self.tmp).replace("'", "''")
-            self.con.execute(f"ATTACH '{path}' AS segment (ROW_GROUP_SIZE {row_group_rows(manifest)})")
-            self.con.execute("USE segment")
-            self.con.execute(_activations_ddl(manifest))
-            self.con.execute("BEGIN")
+            self.tmp.mkdir()
+            for site in manifest.sites:
+                f = open(site_file(self.tmp, site), "wb")
+                self.files[site] = f
+                f.write(bytes(NPY_HEADER_BYTES))
         except BaseException as e:
             self._remove_files()
             raise _disk_error(e, f"segment {self.tmp.name}") or e
@@ -626,7 +648,7 @@ class SegmentWriter:
         self._raise_error()
 
     def abort(self) -> None:
-        """Stop, close and delete the temporary file; the published segments are untouched."""
+        """Stop, close and delete the temporary directory; the published segments are untouched."""
         self.error = self.error or _Aborted()
         if self.thread.is_alive():
             self.queue.put(None)
@@ -639,44 +661,66 @@ class SegmentWriter:
                 continue  # drain: the main thread will see the error
             try:
                 if item[0] == "rows":
-                    self._insert(*item[1:])
+                    self._append(*item[1:])
                 else:
                     self._publish(*item[1:])
             except BaseException as e:  # handed to the main thread at its next append, finish or wait
                 self.error = e
 
-    def _insert(self, first_seq: int, tokens: Tensor, acts: dict[str, Tensor]) -> None:
+    def _append(self, first_seq: int, tokens: Tensor, acts: dict[str, Tensor]) -> None:
         m = self.manifest
         values = {site: storage_values(acts[site], m.dtype) for site in m.sites}
         for site in m.sites:
             check_finite(site, values[site], first_seq, m.context, m.dtype)
-        self.con.from_arrow(rows_table(first_seq, tokens, values, m)).insert_into("activations")
+        for site in m.sites:
+            v = values[site]
+            self.files[site].write(memoryview(np.ascontiguousarray(v.view(np.uint16) if v.dtype == np.float16 else v)).cast("B"))
+        self.rows += tokens.numel()
 
     def _publish(self, final: Path, first: int, end: int, after) -> None:
+        import duckdb
+
         m = self.manifest
+        storage = STORAGE[m.dtype]
         try:
-            self.con.execute(
-                "CREATE TABLE segment_info AS SELECT ? AS model, ? AS run, ? AS first_seq, ? AS end_seq, ? AS context, "
-                "? AS dtype, ? AS sites, ? AS shapes, ? AS created",
-                [m.model, m.run, first, end, m.context, m.dtype, list(m.sites), json.dumps({s: list(v) for s, v in m.shapes.items()}), time.time()],
-            )
-            self.con.execute("COMMIT")
-            self.con.execute("CHECKPOINT")
-            self.con.close()
+            sites = {}
+            for site, f in self.files.items():
+                f.seek(0)
+                f.write(npy_header(np.dtype(storage.numpy_dtype), self.rows, m.width(site)))
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                array = np.load(site_file(self.tmp, site), mmap_mode="r")
+                sites[site] = {"shape": list(m.shapes[site]), "width": m.width(site), "checksums": chunk_checksums(array)}
+                del array
+            tokens = torch.cat(self.tokens)
+            con = duckdb.connect(str(self.tmp / "tokens.duckdb"), config={"threads": 1})
+            try:
+                con.from_arrow(tokens_table(first, tokens)).create("tokens")
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            info = {"format": 2, "model": m.model, "run": m.run, "first": first, "end": end, "context": m.context,
+                    "dtype": m.dtype, "chunk_rows": CHUNK_ROWS, "rows": self.rows, "sites": sites, "created": time.time()}
+            with open(self.tmp / "segment.json", "w") as f:
+                json.dump(info, f)
+                f.flush()
+                os.fsync(f.fileno())
+            for leftover in self.tmp.glob("tokens.duckdb.wal"):
+                leftover.unlink()
+            _fsync_dir(self.tmp)
         except BaseException as e:
             self._remove_files()
             raise _disk_error(e, f"segment {final.name}") or e
-        for leftover in (Path(f"{self.tmp}.wal"), Path(f"{self.tmp}.tmp")):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         os.replace(self.tmp, final)
         _fsync_dir(final.parent)
-        after(torch.cat(self.tokens))
+        after(tokens)
 
     def _remove_files(self) -> None:
-        with contextlib.suppress(Exception):  # a connection DuckDB invalidated after a failed write cannot close cleanly
-            self.con.close()
-        for leftover in (self.tmp, Path(f"{self.tmp}.wal"), Path(f"{self.tmp}.tmp")):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        for f in self.files.values():
+            with contextlib.suppress(Exception):
+                f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _raise_error(self) -> None:
         if self.error is not None and not isinstance(self.error, _Aborted):
@@ -685,30 +729,6 @@ class SegmentWriter:
 
 class _Aborted(Exception):
     """Marks a writer stopped on purpose (its thread then only drains the queue)."""
-
-
-def row_group_rows(m: RunManifest) -> int:
-    """Rows per DuckDB row group: about 16 MiB, a multiple of DuckDB's 2048-row vectors, at most its default 122880."""
-    row_bytes = 10 + sum(m.width(s) for s in m.sites) * STORAGE[m.dtype].itemsize
-    return max(2048, min(122880, (16 * 2**20 // row_bytes) // 2048 * 2048))
-
-
-def _activations_ddl(m: RunManifest) -> str:
-    element = STORAGE[m.dtype].sql_type
-    columns = ["seq_id INTEGER", "pos SMALLINT", "token INTEGER"]
-    columns += [f'"{s}" {element}[{m.width(s)}]' for s in m.sites]
-    return f"CREATE TABLE activations ({', '.join(columns)})"
-
-
-def writer_memory_limit(m: RunManifest) -> int:
-    """DuckDB's memory cap for a segment writer: constant in the token count, scaled to the row width.
-
-    DuckDB works through rows 2048 at a time; below about a few such vectors of the
-    widest rows it fails with out-of-memory (measured: 24 MiB is too little for
-    rows of 3072 floats, 32 MiB enough). Eight vectors' worth, between 32 MiB and 512 MiB.
-    """
-    row_bytes = 10 + sum(m.width(s) for s in m.sites) * STORAGE[m.dtype].itemsize
-    return int(min(max(8 * 2048 * row_bytes, 32 * 2**20), 512 * 2**20))
 
 
 # ====================================================================== planning
@@ -736,6 +756,9 @@ def _parse_sites(sites: Sequence[str] | str) -> list[str]:
     listed = [s for s in listed if s]
     if not listed:
         raise WorkbenchError("no sites given; pass hook names such as blocks.0.hook_resid_post (comma-separated)")
+    odd = [s for s in listed if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", s)]
+    if odd:
+        raise WorkbenchError(f"site name(s) {', '.join(map(repr, odd))} are not hook names (letters, digits, '_', '.' and '-' only)")
     repeated = sorted({s for s in listed if listed.count(s) > 1})
     if repeated:
         raise WorkbenchError(f"site(s) listed twice: {', '.join(repeated)}")

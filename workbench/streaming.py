@@ -1,22 +1,29 @@
 """Reading a store run back as batches: in order (`scan`) or shuffled (`batches`, `pairs`).
 
+Site files are raw `.npy` arrays (see `workbench.store`), read through memory maps:
+the page cache is the only buffer, and each row is copied once, from the map straight
+into the batch that needs it.
+
 How a shuffled epoch is made, with memory bounded by the buffer, not the run:
 
 1. The selected rows (a range of the run's store order) are cut into *pieces* of
    `buffer_rows / PIECES` consecutive rows, never crossing a segment.
 2. The pieces are put in a seeded random order; each run of PIECES pieces is one
    *block* (the shuffle buffer): PIECES windows from anywhere in the corpus.
-3. A background thread reads a block's pieces from DuckDB (each segment attached
-   read-only once, fixed-size array columns fetched as Arrow and viewed as tensors
-   without copying) and concatenates them; DuckDB and torch release the GIL, so
-   reading block k+1 overlaps the gathering of block k.
-4. The block's rows leave in a random permutation, gathered straight into output
-   batches (one copy per row); rows a block leaves over open the next block's first batch.
+3. A block's windows are memory-mapped and their chunks' checksums checked (each
+   4096-row chunk once per epoch, the first time a window touches it); its
+   rows leave in a random permutation: each batch takes the next `batch_rows`
+   positions of the permutation, sorted (so rows come from each window in file
+   order), and gathers them straight from the maps. The batch is a uniform random
+   draw from the block; its rows are listed window by window. The last rows of a
+   block open the next block's first batch.
+4. When a block is done its maps are closed, so resident memory stays about one
+   block however large the run. A background thread gathers a couple of batches
+   ahead of the consumer.
 
 Every row is in exactly one piece and every piece in exactly one block, so an
-epoch yields every selected row exactly once. Peak memory is about three blocks
-(the one being gathered, the one queued, the one being read), whatever the run's size.
-Reading in order is steps 3-4 without the permutation, in store order.
+epoch yields every selected row exactly once. Reading in order is the same
+without the permutation, in store order.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ from __future__ import annotations
 import math
 import queue
 import threading
-import warnings
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -32,10 +38,12 @@ import torch
 from torch import Tensor
 
 from workbench.errors import WorkbenchError
-from workbench.store import READ_CONFIG, Run, Segment, Storage, damaged
+from workbench.store import (CHUNK_ROWS, Run, Segment, Storage, chunk_checksums, damaged, read_segment_info, site_array,
+                             site_file)
 
 PIECES = 8  # windows per shuffle block
-CHUNK_BYTES = 8 * 2**20  # rows fetched from DuckDB per Arrow batch (about this many bytes)
+CHUNK_BYTES = 8 * 2**20  # rows per in-order read (about this many bytes, a whole number of batches)
+KEYS = ("seq_id", "pos")  # computed from the row index, not stored per site
 
 Columns = tuple[Tensor, ...]  # row-aligned tensors, one per selected column
 T = TypeVar("T")
@@ -44,14 +52,18 @@ T = TypeVar("T")
 # ====================================================================== public entry points
 def ordered_chunks(run: Run, columns: list[str], specs, start_row: int, max_rows: int | None, batch_rows: int) -> Iterator[Columns]:
     """The selected rows in store order, in chunks of about CHUNK_BYTES (a whole number of batches), read ahead."""
-    chunk = max(1, (CHUNK_BYTES // _row_bytes(specs)) // batch_rows) * batch_rows  # so most batches are views
+    chunk = max(1, (CHUNK_BYTES // _row_bytes(specs)) // batch_rows) * batch_rows
 
     def produce():
-        with RunReader() as reader:
-            for seg, lo, hi in segment_ranges(run, start_row, max_rows):
-                yield from reader.read(seg, columns, specs, lo, hi, chunk)
+        reader = RunReader(run, columns, specs)
+        for seg, lo, hi in segment_ranges(run, start_row, max_rows):
+            arrays = reader.window(seg, lo, hi)
+            for a in range(lo, hi, chunk):
+                b = min(a + chunk, hi)
+                yield tuple(reader.keys(name, seg, a, b) if array is None else _tensor(np.array(array[a - lo:b - lo]), storage)
+                            for name, array, (_, storage) in zip(columns, arrays, specs))
 
-    return prefetched(produce, depth=4)
+    return prefetched(produce, depth=2)
 
 
 def shuffled_batches(run: Run, columns: list[str], specs, start_row: int, max_rows: int | None, batch_rows: int,
@@ -60,19 +72,36 @@ def shuffled_batches(run: Run, columns: list[str], specs, start_row: int, max_ro
     piece = max(1, math.ceil(buffer_rows / PIECES))
     pieces = [(seg, a, min(a + piece, hi)) for seg, lo, hi in segment_ranges(run, start_row, max_rows) for a in range(lo, hi, piece)]
     order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed)).tolist()
-    chunk = max(1, CHUNK_BYTES // _row_bytes(specs))
+    permute = torch.Generator().manual_seed(seed + 1)
 
     def produce():
-        ring = _BlockRing(3, piece * PIECES)  # consumer's block + queued block + the one being filled
-        with RunReader() as reader:
-            for g in range(0, len(order), PIECES):
-                parts = []
-                for seg, lo, hi in (pieces[i] for i in order[g:g + PIECES]):
-                    parts += reader.read(seg, columns, specs, lo, hi, chunk)
-                yield parts[0] if len(parts) == 1 else ring.fill(parts)
+        reader = RunReader(run, columns, specs)
+        pending: list[Columns] = []
+        count = 0
+        for g in range(0, len(order), PIECES):
+            windows = [pieces[i] for i in order[g:g + PIECES]]
+            maps = [reader.window(seg, lo, hi) for seg, lo, hi in windows]
+            offsets = np.cumsum([0] + [hi - lo for _, lo, hi in windows])
+            perm = torch.randperm(int(offsets[-1]), generator=permute).numpy()
+            start = 0
+            if count:  # finish the batch the previous block left open
+                start = min(batch_rows - count, len(perm))
+                pending.append(reader.gather(windows, maps, offsets, perm[:start]))
+                count += start
+                if count < batch_rows:
+                    continue
+                yield tuple(_cat(parts) for parts in zip(*pending))
+                pending, count = [], 0
+            for a in range(start, len(perm) - batch_rows + 1, batch_rows):
+                yield reader.gather(windows, maps, offsets, perm[a:a + batch_rows])
+            rest = (len(perm) - start) % batch_rows
+            if rest:
+                pending, count = [reader.gather(windows, maps, offsets, perm[len(perm) - rest:])], rest
+            del maps  # unmap the block's windows before the next block maps its own
+        if count:
+            yield tuple(_cat(parts) for parts in zip(*pending))
 
-    permute = torch.Generator().manual_seed(seed + 1)  # the main thread's own generator (the reader thread has the other)
-    yield from _gather(prefetched(produce, depth=1), batch_rows, permute)
+    return prefetched(produce, depth=2)
 
 
 def rebatch(chunks: Iterable[Columns], batch_rows: int) -> Iterator[Columns]:
@@ -114,83 +143,76 @@ def segment_ranges(run: Run, start_row: int, max_rows: int | None) -> list[tuple
 
 # ====================================================================== reading segments
 class RunReader:
-    """One private in-memory DuckDB connection that attaches a run's segments read-only as they are first needed.
+    """Memory-mapped windows of a run's site files, each 4096-row chunk checked against its checksum the first
+    time this reader touches it (a damaged file becomes one clear error naming it)."""
 
-    Attaching (rather than `duckdb.connect(path)`) means a connection the process
-    already holds on a segment, whatever its settings, neither blocks nor is disturbed.
-    """
+    def __init__(self, run: Run, columns: list[str], specs):
+        self.run, self.columns, self.specs = run, columns, specs
+        self.infos: dict[Segment, dict] = {}
+        self.checked: set[tuple[Segment, str, int]] = set()
 
-    def __init__(self):
-        import duckdb
-
-        self.con = duckdb.connect(":memory:", config=READ_CONFIG)
-        self.aliases: dict[str, str] = {}
-
-    def __enter__(self) -> "RunReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.con.close()
-
-    def read(self, seg: Segment, columns: list[str], specs, lo: int, hi: int, chunk: int) -> Iterator[Columns]:
-        """Rows [lo, hi) of one segment (`rowid` order is insertion order, i.e. store order), `chunk` rows at a time."""
-        import duckdb
-
-        select = ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
-        try:
-            alias = self._attach(seg)
-            query = f"SELECT {select} FROM {alias}.activations WHERE rowid >= {lo} AND rowid < {hi}"
-            for batch in self.con.sql(query).to_arrow_reader(chunk):
-                yield tuple(column_tensor(batch.column(i), w, s) for i, (w, s) in enumerate(specs))
-        except duckdb.Error as e:
-            if not seg.path.exists():
-                raise WorkbenchError(f"segment file {seg.path} disappeared while being read (was it deleted?)") from e
-            raise damaged(seg, e) from e
-
-    def _attach(self, seg: Segment) -> str:
-        key = str(seg.path)
-        if key not in self.aliases:
-            alias = f"s{len(self.aliases)}"
-            self.con.execute(f"ATTACH '{key.replace(chr(39), chr(39) * 2)}' AS {alias} (READ_ONLY)")
-            self.aliases[key] = alias
-        return self.aliases[key]
-
-
-def column_tensor(column, width: int, storage: Storage | None) -> Tensor:
-    """A zero-copy tensor over one Arrow column: [rows, width] for an array column, [rows] for a key column."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # Arrow memory is read-only to numpy; nothing here writes to it
-        if storage is None:
-            return torch.from_numpy(column.to_numpy(zero_copy_only=False))
-        values = column.flatten().to_numpy(zero_copy_only=True)
-        if storage.numpy_dtype is np.uint16:
-            return torch.from_numpy(values.view(np.int16)).view(storage.torch_dtype).view(-1, width)
-        return torch.from_numpy(values).view(-1, width)
-
-
-# ====================================================================== shuffling and read-ahead
-def _gather(blocks: Iterable[Columns], batch_rows: int, generator: torch.Generator) -> Iterator[Columns]:
-    """Each block's rows in a random permutation, gathered into batches of `batch_rows` (one copy per row)."""
-    leftover: Columns | None = None
-    for block in blocks:
-        order = torch.randperm(len(block[0]), generator=generator)
-        start = 0
-        if leftover is not None:
-            start = min(batch_rows - len(leftover[0]), len(order))
-            leftover = tuple(_cat([old, _take(b, order[:start])]) for old, b in zip(leftover, block))
-            if len(leftover[0]) < batch_rows:
+    def window(self, seg: Segment, lo: int, hi: int) -> list[np.ndarray | None]:
+        """Per column, the rows [lo, hi) of `seg` as a read-only memory-mapped array (None for a key column)."""
+        info = self.infos.get(seg)
+        if info is None:
+            info = self.infos[seg] = read_segment_info(seg)
+        out = []
+        for name, (width, storage) in zip(self.columns, self.specs):
+            if name in KEYS:
+                out.append(None)
                 continue
-            yield leftover
-            leftover = None
-        for a in range(start, len(order) - batch_rows + 1, batch_rows):
-            yield tuple(_take(b, order[a:a + batch_rows]) for b in block)
-        rest = (len(order) - start) % batch_rows
-        if rest:
-            leftover = tuple(_take(b, order[len(order) - rest:]) for b in block)
-    if leftover is not None:
-        yield leftover
+            array = site_array(seg, name, info, width, storage)
+            self._check(seg, name, info, array, lo, hi)
+            out.append(array[lo:hi])
+        return out
+
+    def keys(self, name: str, seg: Segment, a: int, b: int) -> Tensor:
+        """seq_id or pos of the rows [a, b) of `seg`."""
+        return self._window_keys(name, seg, a, np.arange(b - a))
+
+    def gather(self, windows, maps, offsets: np.ndarray, picks: np.ndarray) -> Columns:
+        """The block rows `picks` (positions in the block's concatenated windows), window by window, one copy each."""
+        picks = np.sort(picks)
+        bounds = np.searchsorted(picks, offsets)
+        out = []
+        for c, (name, (width, storage)) in enumerate(zip(self.columns, self.specs)):
+            if name in KEYS:
+                out.append(torch.cat([self._window_keys(name, seg, lo, picks[bounds[w]:bounds[w + 1]] - offsets[w])
+                                      for w, (seg, lo, _) in enumerate(windows)]))
+                continue
+            dtype = np.dtype(storage.numpy_dtype)
+            batch = np.empty((len(picks), width), dtype=dtype)
+            for w in range(len(windows)):
+                a, b = bounds[w], bounds[w + 1]
+                if a < b:
+                    np.take(maps[w][c], picks[a:b] - offsets[w], axis=0, out=batch[a:b])
+            out.append(_tensor(batch, storage))
+        return tuple(out)
+
+    def _window_keys(self, name: str, seg: Segment, lo: int, rows: np.ndarray) -> Tensor:
+        ctx = self.run.manifest.context
+        rows = rows.astype(np.int64) + lo
+        return torch.from_numpy(seg.first + rows // ctx if name == "seq_id" else rows % ctx)
+
+    def _check(self, seg: Segment, site: str, info: dict, array: np.ndarray, lo: int, hi: int) -> None:
+        chunk = int(info.get("chunk_rows", CHUNK_ROWS))
+        expected = info["sites"].get(site, {}).get("checksums")
+        if expected is None:
+            raise damaged(seg, ValueError(f"segment.json has no checksums for {site}"))
+        for c in range(lo // chunk, (hi + chunk - 1) // chunk):
+            if (seg, site, c) in self.checked:
+                continue
+            try:
+                (got,) = chunk_checksums(array, chunk, c, c + 1)
+            except OSError as e:  # an I/O error under the map
+                raise damaged(seg, e, site_file(seg.path, site)) from e
+            if c >= len(expected) or got != expected[c]:
+                raise damaged(seg, ValueError(f"rows {c * chunk}-{min((c + 1) * chunk, len(array)) - 1} of {site} do not "
+                                              "match their checksum"), site_file(seg.path, site))
+            self.checked.add((seg, site, c))
 
 
+# ====================================================================== read-ahead
 class _Failure:
     """An exception raised in the reading thread, on its way to the consumer."""
 
@@ -206,7 +228,7 @@ def prefetched(produce: Callable[[], Iterator[T]], depth: int) -> Iterator[T]:
 
     Errors raised by the producer are re-raised in the consumer. When the consumer
     stops early (break, exception, garbage collection) the producer is told to stop,
-    its generator is closed in its own thread (closing its DuckDB connection), and joined.
+    its generator is closed in its own thread, and joined.
     """
     items: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -247,29 +269,12 @@ def prefetched(produce: Callable[[], Iterator[T]], depth: int) -> Iterator[T]:
         thread.join()
 
 
-class _BlockRing:
-    """A few reusable block buffers. Filling a fresh 100 MB array each block costs page faults that were
-    measured to halve the read rate; reusing buffers avoids them. With a queue of depth 1 between reader
-    and consumer, three buffers are never overwritten while in use: the reader can only start refilling
-    a buffer after the consumer has taken the block that followed it, which it does when done with it."""
-
-    def __init__(self, count: int, rows: int):
-        self.count, self.rows, self.next = count, rows, 0
-        self.buffers: list[list[np.ndarray]] | None = None
-
-    def fill(self, parts: list[Columns]) -> Columns:
-        """Copy the chunks `parts` (each a tuple of columns) into the next buffer; return views of the filled rows."""
-        if self.buffers is None:
-            self.buffers = [[np.empty((self.rows, *c.shape[1:]), dtype=_numpy(c).dtype) for c in parts[0]] for _ in range(self.count)]
-        columns = self.buffers[self.next]
-        self.next = (self.next + 1) % self.count
-        n = 0
-        for part in parts:
-            k = len(part[0])
-            for buffer, c in zip(columns, part):
-                buffer[n:n + k] = _numpy(c)
-            n += k
-        return tuple(_tensor(buffer[:n], c.dtype) for buffer, c in zip(columns, parts[0]))
+# ====================================================================== small helpers
+def _tensor(a: np.ndarray, storage: Storage | None) -> Tensor:
+    """A tensor over `a` (raw 16-bit words viewed as float16/bfloat16)."""
+    if a.dtype == np.uint16:
+        return torch.from_numpy(a.view(np.int16)).view(storage.torch_dtype)
+    return torch.from_numpy(a)
 
 
 def _numpy(x: Tensor) -> np.ndarray:
@@ -277,21 +282,12 @@ def _numpy(x: Tensor) -> np.ndarray:
     return x.view(torch.int16).numpy() if x.dtype in (torch.float16, torch.bfloat16) else x.numpy()
 
 
-def _tensor(a: np.ndarray, dtype: torch.dtype) -> Tensor:
-    """The inverse of `_numpy`."""
-    t = torch.from_numpy(a)
-    return t.view(dtype) if dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _take(x: Tensor, rows: Tensor) -> Tensor:
-    """x[rows] as a new tensor, gathered by numpy: single-threaded, it keeps its speed when the machine is
-    oversubscribed, where torch's multi-threaded index_select was measured 10x slower."""
-    return _tensor(np.take(_numpy(x), rows.numpy(), axis=0), x.dtype)
-
-
 def _cat(parts: Sequence[Tensor]) -> Tensor:
-    """torch.cat by numpy (single-threaded, for the same reason as `_take`)."""
-    return _tensor(np.concatenate([_numpy(p) for p in parts]), parts[0].dtype)
+    """torch.cat by numpy (single-threaded: torch's threaded copies were measured 10x slower on a busy machine)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = torch.from_numpy(np.concatenate([_numpy(p) for p in parts]))
+    return out.view(parts[0].dtype) if parts[0].dtype in (torch.float16, torch.bfloat16) else out
 
 
 def _row_bytes(specs) -> int:
