@@ -141,10 +141,18 @@ class ZooConfig:
     prompt_weight: float = 1.0
     """Loss weight of a task example's prompt tokens."""
     generic_share: float = 0.6
+    """Share of IOI and docstring examples whose names/arguments are other vocabulary words."""
     reworded_share: float = 0.0
     """Share of IOI examples whose sentence is reworded with random words (`reword_template`). Off: at 0.5 the
     held-out IOI accuracy after 4000 steps was lower (0.55 vs 0.64) and induction slower (0.60 vs 0.47)."""
-    """Share of IOI and docstring examples whose names/arguments are other vocabulary words."""
+    grammar_share: float = 0.0
+    """Share of IOI examples whose sentence comes from `ioi_grammar` (opener x shared activity x transfer verb, a
+    few thousand real sentences) instead of the twelve training templates. None of the held-out templates' own
+    words (handed, threw, reached, ...) is in the grammar, so held-out sentences stay unseen."""
+    gt_answer_window: int = 0
+    """Greater-than training answers: 0 draws any later two-digit year; k draws one of the next k years (as a
+    war lasts a few years). A uniform draw over all later years is also what a model ignoring the start year
+    gets right on average: trained on it, ref-gpt2 scored the same on clean and corrupt prompts (gap 0.002)."""
     sinusoidal_positions: bool = True
     """Initialise the (learned) position embeddings with sinusoids; see `sinusoids`."""
     induction_lengths: tuple[int, int] = (4, 30)
@@ -409,7 +417,19 @@ def training_examples(config: ZooConfig, tokenizer, chunk: int = 512) -> Iterato
             task = rng.choices(tasks, weights=config.task_mix)[0]
             use_generic = task in generic_batches and rng.random() < config.generic_share
             ex = next(generic_batches[task] if use_generic else batches[task])
-            answer = rng.choice(ex.answers) if task == "greater_than" else ex.answers[0]
+            if task == "greater_than":  # answers are the later years in ascending order
+                answer = rng.choice(ex.answers[: config.gt_answer_window] if config.gt_answer_window else ex.answers)
+            else:
+                answer = ex.answers[0]
+            if task == "ioi" and config.grammar_share > 0 and rng.random() < config.grammar_share:
+                while True:  # a filler word equal to one of the names would break "the name seen once"
+                    template = ioi_grammar_template(rng)
+                    new = _reworded_ioi(ex, template, generic.get("ioi", {}).get("names") if use_generic else None, rng)
+                    words = re.findall(r"\w+", new.clean)
+                    if words.count(new.answers[0].strip()) == 1 and words.count(new.wrongs[0].strip()) == 2:
+                        break
+                yield TrainingExample(task, use_generic, new, new.answers[0], template)
+                continue
             if task == "ioi" and config.reworded_share > 0 and rng.random() < config.reworded_share:
                 while True:  # a filler word equal to one of the names would break "the name seen once"
                     template = reword_template(IOI_TRAIN_TEMPLATES[ex.template], reword_pool, rng)
@@ -424,6 +444,62 @@ def training_examples(config: ZooConfig, tokenizer, chunk: int = 512) -> Iterato
 
 IOI_TRAIN_TEMPLATES = _train_templates("ioi")
 KEPT_WORDS = {"and", "to"}
+
+# IOI sentences from parts: "<opener> N1 and N2 <activity>, S <transfer> to". Every part is ordinary English; the
+# held-out templates' own words are excluded (`heldout_template_words`, checked by tests/test_zoo.py).
+IOI_OPENERS_CLAUSE = ["When", "After", "While", "As", "Because", "Before", "Since", "As soon as", "Just after",
+                      "Right after", "The day", "Every time", "Whenever", "If"]
+IOI_OPENERS_SENTENCE = ["", "Then,", "Afterwards,", "Yesterday,", "Today,", "That evening,", "In the morning,",
+                        "On Monday,", "Last week,", "Eventually,", "Soon,", "Meanwhile,", "At noon,", "Recently,",
+                        "After the lunch,", "One day,", "That night,", "In the end,"]
+IOI_ACTIVITIES = [
+    "went to the {place}", "were at the {place}", "met at the {place}", "stayed at the {place}",
+    "visited the {place}", "left the {place}", "came back from the {place}", "got a {object} at the {place}",
+    "found a {object} at the {place}", "bought a {object} at the {place}", "were working at the {place}",
+    "were sitting in the {place}", "were playing near the {place}", "had lunch at the {place}",
+    "had a lot of fun at the {place}", "were cleaning the {place}", "looked around the {place}",
+    "ran to the {place}", "drove to the {place}", "moved to the {place}", "were waiting at the {place}",
+    "spent the day at the {place}", "had a long argument", "had a long talk", "were talking",
+    "started a new project", "cooked dinner", "went home", "were commuting to the {place}",
+    "saw a {object} in the {place}", "lost a {object} at the {place}", "fixed the {object}",
+]
+IOI_TRANSFERS = [
+    "gave a {object} to", "gave the {object} to", "gave it to", "sent a {object} to", "showed the {object} to",
+    "brought a {object} to", "sold the {object} to", "lent a {object} to", "offered a {object} to",
+    "mailed a {object} to", "tossed the {object} to", "returned the {object} to", "read a story to",
+    "told a joke to", "wrote a letter to", "said goodbye to", "said hello to", "waved to", "talked to",
+    "spoke to", "decided to give a {object} to", "tried to sell the {object} to", "promised a {object} to",
+    "delivered a {object} to", "described the {object} to", "kicked the {object} to", "explained the problem to",
+    "sang a song to", "presented a {object} to", "gave a present to", "sent an email to", "showed a photo to",
+    "decided to send it to", "had to give the {object} to", "quickly gave a {object} to", "said sorry to",
+]
+
+
+def ioi_grammar_template(rng: random.Random) -> str:
+    """One IOI sentence template from `IOI_OPENERS_*`, `IOI_ACTIVITIES` and `IOI_TRANSFERS`."""
+    activity, transfer = rng.choice(IOI_ACTIVITIES), rng.choice(IOI_TRANSFERS)
+    form = rng.randrange(3)
+    if form == 0:
+        return f"{rng.choice(IOI_OPENERS_CLAUSE)} {{N1}} and {{N2}} {activity}, {{S}} {transfer}"
+    if form == 1:
+        opener = rng.choice(IOI_OPENERS_SENTENCE)
+        return f"{opener + ' ' if opener else ''}{{N1}} and {{N2}} {activity}. {{S}} {transfer}"
+    return f"{rng.choice(IOI_OPENERS_SENTENCE[1:])} {{N1}} and {{N2}} {activity}, and {{S}} {transfer}"
+
+
+def heldout_template_words() -> set[str]:
+    """Words of the held-out IOI templates that no training template has (the held-out sentences' own words)."""
+    from data.tasks import TEMPLATES
+
+    k = HELDOUT_TEMPLATES["ioi"]
+    def words(templates):
+        return {w for t in templates for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", t))}
+    return words(TEMPLATES["ioi"][-k:]) - words(TEMPLATES["ioi"][:-k])
+
+
+def ioi_grammar_words() -> set[str]:
+    parts = IOI_OPENERS_CLAUSE + IOI_OPENERS_SENTENCE + IOI_ACTIVITIES + IOI_TRANSFERS
+    return {w for p in parts for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", p))}
 
 
 def reword_template(template: str, pool: list[str], rng: random.Random) -> str:
@@ -453,6 +529,8 @@ def _reworded_ioi(ex: Example, template: str, names: list[str] | None, rng: rand
         io, s = rng.sample(names, 2)
         n1, n2 = (io, s) if rng.random() < 0.5 else (s, io)
     fill = {k: v for k, v in slots.items() if k in ("place", "object")}
+    for key, pool in (("place", IOI_PLACES), ("object", IOI_OBJECTS)):  # a template without that slot filled none
+        fill.setdefault(key, rng.choice(split_pool(pool).train))
     clean = template.format(N1=n1, N2=n2, S=s, **fill)
     return Example(clean, "", answers=(" " + io,), wrongs=(" " + s,), template=ex.template)
 
@@ -495,7 +573,8 @@ def generic_pools(tokenizer) -> dict[str, dict[str, list[str]]]:
 
     heldout = set(split_pool(NAMES).heldout) | set(split_pool(DOC_ARGS).heldout)
     # A filler that also occurs in the sentence would appear twice and break the task's "the name seen once" logic.
-    in_sentences = {w for t in TEMPLATES["ioi"] for w in re.findall(r"[A-Za-z]+", t)} | set(IOI_PLACES) | set(IOI_OBJECTS)
+    in_sentences = ({w for t in TEMPLATES["ioi"] for w in re.findall(r"[A-Za-z]+", t)} | ioi_grammar_words()
+                    | set(IOI_PLACES) | set(IOI_OBJECTS))
     words, lower = [], []
     for i in ordinary_token_ids(tokenizer):
         text = tokenizer.decode([i])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import shutil
 
 import pytest
@@ -185,6 +186,18 @@ def test_reading_what_is_not_there(store, tiny_model, corpus):
         store.tokens(tiny_model, [0, 99], run="a")
     with pytest.raises(WorkbenchError, match="SQL error"):
         store.sql("SELECT nope FROM activations", model=tiny_model, run="a")
+
+
+def test_a_run_in_an_older_store_format_is_refused_with_what_to_do(store, tiny_model, corpus):
+    result = cache(store, tiny_model, corpus, run="old")
+    manifest = store.run(tiny_model, SITES, run="old").directory / "run.json"
+    raw = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(dict(raw, format=1)))
+    for attempt in (lambda: next(store.batches(tiny_model, SITES[0], 8)), lambda: cache(store, tiny_model, corpus, run="old")):
+        with pytest.raises(WorkbenchError, match="store format 1") as e:
+            attempt()
+        assert f"remove {manifest.parent}" in one_line(e)
+    assert result.rows == 4 * CTX
 
 
 def test_a_second_job_on_the_same_run_is_refused(store, tiny_model, corpus):

@@ -461,9 +461,13 @@ def run_directory(workspace: Workspace, model: str, run: str) -> Path:
 
 def read_manifest(path: Path) -> RunManifest:
     try:
-        return RunManifest.from_json(path.read_text())
+        manifest = RunManifest.from_json(path.read_text())
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise WorkbenchError(f"{path} is damaged ({_one_line(e)}); restore it or remove the run's directory {path.parent}") from e
+    if manifest.format != FORMAT_VERSION:
+        raise WorkbenchError(f"run {manifest.run!r} of {manifest.model!r} was cached in store format {manifest.format}; this "
+                             f"version reads format {FORMAT_VERSION} (see docs/store.md): remove {path.parent} and cache it again")
+    return manifest
 
 
 _SEGMENT = re.compile(r"^seg-(\d+)-(\d+)$")
