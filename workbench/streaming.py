@@ -29,6 +29,8 @@ without the permutation, in store order.
 from __future__ import annotations
 
 import math
+import mmap
+import os
 import queue
 import threading
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
@@ -44,6 +46,9 @@ from workbench.store import (CHUNK_ROWS, Run, Segment, Storage, chunk_checksums,
 PIECES = 8  # windows per shuffle block
 CHUNK_BYTES = 8 * 2**20  # rows per in-order read (about this many bytes, a whole number of batches)
 KEYS = ("seq_id", "pos")  # computed from the row index, not stored per site
+# Every row of a mapped window is read, so its pages are mapped in one go (MAP_POPULATE, Linux) rather than
+# faulted in one by one.
+MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 Columns = tuple[Tensor, ...]  # row-aligned tensors, one per selected column
 T = TypeVar("T")
@@ -57,10 +62,10 @@ def ordered_chunks(run: Run, columns: list[str], specs, start_row: int, max_rows
     def produce():
         reader = RunReader(run, columns, specs)
         for seg, lo, hi in segment_ranges(run, start_row, max_rows):
-            arrays = reader.window(seg, lo, hi)
             for a in range(lo, hi, chunk):
                 b = min(a + chunk, hi)
-                yield tuple(reader.keys(name, seg, a, b) if array is None else _tensor(np.array(array[a - lo:b - lo]), storage)
+                arrays = reader.window(seg, a, b)
+                yield tuple(reader.keys(name, seg, a, b) if array is None else _tensor(np.array(array), storage)
                             for name, array, (_, storage) in zip(columns, arrays, specs))
 
     return prefetched(produce, depth=2)
@@ -71,8 +76,8 @@ def shuffled_batches(run: Run, columns: list[str], specs, start_row: int, max_ro
     """One shuffled epoch of the selected rows in batches of exactly `batch_rows` (the last may be short)."""
     piece = max(1, math.ceil(buffer_rows / PIECES))
     pieces = [(seg, a, min(a + piece, hi)) for seg, lo, hi in segment_ranges(run, start_row, max_rows) for a in range(lo, hi, piece)]
-    order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed)).tolist()
-    permute = torch.Generator().manual_seed(seed + 1)
+    order = np.random.default_rng(seed).permutation(len(pieces)).tolist()
+    permute = np.random.default_rng([seed, 1])  # numpy's permutation is several times faster than torch.randperm here
 
     def produce():
         reader = RunReader(run, columns, specs)
@@ -82,7 +87,7 @@ def shuffled_batches(run: Run, columns: list[str], specs, start_row: int, max_ro
             windows = [pieces[i] for i in order[g:g + PIECES]]
             maps = [reader.window(seg, lo, hi) for seg, lo, hi in windows]
             offsets = np.cumsum([0] + [hi - lo for _, lo, hi in windows])
-            perm = torch.randperm(int(offsets[-1]), generator=permute).numpy()
+            perm = permute.permutation(int(offsets[-1]))
             start = 0
             if count:  # finish the batch the previous block left open
                 start = min(batch_rows - count, len(perm))
@@ -144,11 +149,16 @@ def segment_ranges(run: Run, start_row: int, max_rows: int | None) -> list[tuple
 # ====================================================================== reading segments
 class RunReader:
     """Memory-mapped windows of a run's site files, each 4096-row chunk checked against its checksum the first
-    time this reader touches it (a damaged file becomes one clear error naming it)."""
+    time this reader touches it (a damaged file becomes one clear error naming it).
+
+    A window maps only the chunks it covers (not the whole file), so the pages a reader has touched are
+    unmapped, and leave its resident memory, as soon as the window's arrays are dropped.
+    """
 
     def __init__(self, run: Run, columns: list[str], specs):
         self.run, self.columns, self.specs = run, columns, specs
         self.infos: dict[Segment, dict] = {}
+        self.layouts: dict[tuple[Segment, str], tuple[int, int]] = {}
         self.checked: set[tuple[Segment, str, int]] = set()
 
     def window(self, seg: Segment, lo: int, hi: int) -> list[np.ndarray | None]:
@@ -156,14 +166,17 @@ class RunReader:
         info = self.infos.get(seg)
         if info is None:
             info = self.infos[seg] = read_segment_info(seg)
+        chunk = int(info.get("chunk_rows", CHUNK_ROWS))
         out = []
         for name, (width, storage) in zip(self.columns, self.specs):
             if name in KEYS:
                 out.append(None)
                 continue
-            array = site_array(seg, name, info, width, storage)
-            self._check(seg, name, info, array, lo, hi)
-            out.append(array[lo:hi])
+            offset, rows = self._layout(seg, name, info, width, storage)
+            first, last = lo // chunk * chunk, min(-(-hi // chunk) * chunk, rows)  # the chunks the window covers
+            cover = self._map(seg, name, offset, first, last, width, storage)
+            self._check(seg, name, info, cover, first, chunk)
+            out.append(cover[lo - first:hi - first])
         return out
 
     def keys(self, name: str, seg: Segment, a: int, b: int) -> Tensor:
@@ -180,8 +193,7 @@ class RunReader:
                 out.append(torch.cat([self._window_keys(name, seg, lo, picks[bounds[w]:bounds[w + 1]] - offsets[w])
                                       for w, (seg, lo, _) in enumerate(windows)]))
                 continue
-            dtype = np.dtype(storage.numpy_dtype)
-            batch = np.empty((len(picks), width), dtype=dtype)
+            batch = np.empty((len(picks), width), dtype=np.dtype(storage.numpy_dtype))
             for w in range(len(windows)):
                 a, b = bounds[w], bounds[w + 1]
                 if a < b:
@@ -194,20 +206,47 @@ class RunReader:
         rows = rows.astype(np.int64) + lo
         return torch.from_numpy(seg.first + rows // ctx if name == "seq_id" else rows % ctx)
 
-    def _check(self, seg: Segment, site: str, info: dict, array: np.ndarray, lo: int, hi: int) -> None:
-        chunk = int(info.get("chunk_rows", CHUNK_ROWS))
+    def _layout(self, seg: Segment, site: str, info: dict, width: int, storage: Storage) -> tuple[int, int]:
+        """(data offset, rows) of a site file, from its header, checked against what the segment should hold."""
+        key = (seg, site)
+        if key not in self.layouts:
+            array = site_array(seg, site, info, width, storage)  # parses and checks the header and the file size
+            self.layouts[key] = (int(array.offset), len(array))
+            del array
+        return self.layouts[key]
+
+    def _map(self, seg: Segment, site: str, offset: int, first: int, last: int, width: int, storage: Storage) -> np.ndarray:
+        """Rows [first, last) of a site file, memory-mapped read-only."""
+        row_bytes = width * storage.itemsize
+        start = offset + first * row_bytes
+        aligned = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        path = site_file(seg.path, site)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                region = mmap.mmap(fd, start - aligned + (last - first) * row_bytes, flags=MAP_FLAGS, prot=mmap.PROT_READ,
+                                   offset=aligned)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as e:
+            if not seg.path.exists():
+                raise WorkbenchError(f"segment {seg.path} disappeared while being read (was it deleted?); list the store again") from e
+            raise damaged(seg, e, path) from e
+        dtype = np.dtype(storage.numpy_dtype)
+        return np.frombuffer(region, dtype=dtype, count=(last - first) * width, offset=start - aligned).reshape(-1, width)
+
+    def _check(self, seg: Segment, site: str, info: dict, cover: np.ndarray, first: int, chunk: int) -> None:
+        """Check the chunks of `cover` (rows from `first`, a chunk boundary) not checked yet by this reader."""
         expected = info["sites"].get(site, {}).get("checksums")
         if expected is None:
             raise damaged(seg, ValueError(f"segment.json has no checksums for {site}"))
-        for c in range(lo // chunk, (hi + chunk - 1) // chunk):
+        for i in range(0, len(cover), chunk):
+            c = (first + i) // chunk
             if (seg, site, c) in self.checked:
                 continue
-            try:
-                (got,) = chunk_checksums(array, chunk, c, c + 1)
-            except OSError as e:  # an I/O error under the map
-                raise damaged(seg, e, site_file(seg.path, site)) from e
+            (got,) = chunk_checksums(cover[i:i + chunk], chunk)
             if c >= len(expected) or got != expected[c]:
-                raise damaged(seg, ValueError(f"rows {c * chunk}-{min((c + 1) * chunk, len(array)) - 1} of {site} do not "
+                raise damaged(seg, ValueError(f"rows {c * chunk}-{c * chunk + len(cover[i:i + chunk]) - 1} of {site} do not "
                                               "match their checksum"), site_file(seg.path, site))
             self.checked.add((seg, site, c))
 
