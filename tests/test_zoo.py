@@ -129,18 +129,21 @@ def test_task_training_data_never_uses_heldout_words(ref_tokenizer):
         "args": set(split_pool(DOC_ARGS).heldout), "funcs": set(split_pool(DOC_FUNCS).heldout),
     }
     assert all(heldout.values())
-    seen = {"ioi": 0, "greater_than": 0, "docstring": 0, "generic": 0, "reworded": 0}
-    heldout_template_words = {w for t in TEMPLATES["ioi"][-HELDOUT_TEMPLATES["ioi"]:]
-                              for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", "", t))}
+    seen = {"ioi": 0, "greater_than": 0, "docstring": 0, "generic": 0, "rewritten": 0}
+
+    def words(templates):
+        return {w.lower() for t in templates for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", "", t))}
+
+    k = HELDOUT_TEMPLATES["ioi"]
+    heldout_own_words = words(TEMPLATES["ioi"][-k:]) - words(TEMPLATES["ioi"][:-k])  # handed, threw, reached, ...
+    assert {"handed", "threw", "passed", "reached", "wanted"} <= heldout_own_words
     for ex in itertools.islice(training_examples(config, ref_tokenizer), 6000):
         task, text = ex.task, ex.example.clean
         for template in TEMPLATES[task][-HELDOUT_TEMPLATES[task]:]:
             assert template_slots(template, text) is None, f"held-out template used: {text!r}"
-        if ex.template is not None:  # a reworded IOI sentence: none of the held-out sentences' own words
-            own = set(re.findall(r"[A-Za-z]+", ex.template.replace("{N1}", "").replace("{N2}", "").replace("{S}", "")
-                                 .replace("{place}", "").replace("{object}", "")))
-            assert not own & (heldout_template_words - {"and", "to"}), ex.template
-            seen["reworded"] += 1
+        if ex.template is not None:  # a grammar or reworded IOI sentence: none of the held-out sentences' own words
+            assert not words([ex.template]) & heldout_own_words, ex.template
+            seen["rewritten"] += 1
         slots = template_slots(ex.template or TEMPLATES[task][: -HELDOUT_TEMPLATES[task]][ex.example.template], text)
         assert slots is not None, text
         if task == "ioi":
@@ -150,14 +153,15 @@ def test_task_training_data_never_uses_heldout_words(ref_tokenizer):
         elif task == "greater_than":
             assert slots["noun"] not in heldout["nouns"] and slots["cc"] + slots["yy"] not in heldout["years"], text
             assert int(ex.answer) > int(slots["yy"])
+            assert not config.gt_answer_window or int(ex.answer) <= int(slots["yy"]) + config.gt_answer_window
         else:
             args = {slots[f"a{i}"] for i in range(5)} | {ex.answer.strip()}
             assert not args & heldout["args"] and slots["func"] not in heldout["funcs"], text
         seen[task] += 1
         seen["generic"] += ex.generic
-    reworded = seen.pop("reworded")
+    rewritten = seen.pop("rewritten")
     assert min(seen.values()) > 300, seen
-    assert (reworded > 300) == (config.reworded_share > 0), reworded
+    assert (rewritten > 300) == (config.reworded_share > 0 or config.grammar_share > 0), rewritten
 
 
 # ---------------------------------------------------------------------------- the build
