@@ -118,7 +118,7 @@ class ZooConfig:
     movers, docstring's argument copying) then leaves its loss plateau within a few hundred steps, where packed
     128-token rows stayed on it for 3000 steps (measured: induction loss ratio 0.94 -> 0.52 in 1500 steps of a
     2-layer model on 48-token rows, none in 3000 on packed rows)."""
-    steps: int = 6000
+    steps: int = 5800
     """Optimizer steps (the schedule's length)."""
     lr: float = 3e-3
     """Peak learning rate."""
@@ -134,7 +134,7 @@ class ZooConfig:
     """The loss is `sum(w * weighted mean loss of the stream)` over the text, induction and task streams. Pooling
     every token into one mean instead gave the ~130 repeat tokens of a step a tenth of the gradient, and induction
     stayed on its plateau (loss ratio 0.86 after 1750 steps); per-stream means give each stream its own share."""
-    task_mix: tuple[float, float, float] = (0.65, 0.1, 0.25)
+    task_mix: tuple[float, float, float] = (0.6, 0.15, 0.25)
     """Relative frequency of ioi, greater_than, docstring examples in task rows."""
     answer_weight: float = 15.0
     """Loss weight of a task example's answer token."""
@@ -145,11 +145,11 @@ class ZooConfig:
     reworded_share: float = 0.0
     """Share of IOI examples whose sentence is reworded with random words (`reword_template`). Off: at 0.5 the
     held-out IOI accuracy after 4000 steps was lower (0.55 vs 0.64) and induction slower (0.60 vs 0.47)."""
-    grammar_share: float = 0.0
+    grammar_share: float = 0.5
     """Share of IOI examples whose sentence comes from `ioi_grammar` (opener x shared activity x transfer verb, a
     few thousand real sentences) instead of the twelve training templates. None of the held-out templates' own
     words (handed, threw, reached, ...) is in the grammar, so held-out sentences stay unseen."""
-    gt_answer_window: int = 0
+    gt_answer_window: int = 10
     """Greater-than training answers: 0 draws any later two-digit year; k draws one of the next k years (as a
     war lasts a few years). A uniform draw over all later years is also what a model ignoring the start year
     gets right on average: trained on it, ref-gpt2 scored the same on clean and corrupt prompts (gap 0.002)."""

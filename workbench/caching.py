@@ -213,18 +213,6 @@ class _CacheJob:
         self.last_report = 0.0
 
     def execute(self) -> CacheResult:
-        """Run the job. On CPU the forward passes leave one core to the tokenizer and writer threads, which
-        otherwise contend with torch's threads (torch's setting is restored afterwards)."""
-        threads = torch.get_num_threads()
-        on_cpu = str(getattr(self.model.cfg, "device", "cpu")).startswith("cpu")
-        if on_cpu and threads > 1:
-            torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 1)))
-        try:
-            return self._execute()
-        finally:
-            torch.set_num_threads(threads)
-
-    def _execute(self) -> CacheResult:
         m = self.manifest
         self._tidy()
         segments = self._verify_published()
