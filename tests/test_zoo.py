@@ -52,8 +52,8 @@ def test_induction_threshold(ref_behaviour):
 
 
 @pytest.mark.reference
-@pytest.mark.xfail(strict=True, reason="not yet: the committed ref-gpt2 reaches held-out IOI pairwise accuracy 0.66 "
-                                       "(logit difference 2.52) against the 0.85 threshold; see docs/models.md")
+@pytest.mark.xfail(strict=True, reason="not yet: the committed ref-gpt2 reaches held-out IOI pairwise accuracy 0.80 "
+                                       "(logit difference 4.36) against the 0.85 threshold; see docs/models.md")
 def test_ioi_threshold(ref_behaviour):
     ioi = ref_behaviour.ioi
     assert ioi.accuracy >= THRESHOLDS["ioi_accuracy"] and ioi.clean >= THRESHOLDS["ioi_logit_diff"], ioi
@@ -61,12 +61,11 @@ def test_ioi_threshold(ref_behaviour):
 
 
 @pytest.mark.reference
-@pytest.mark.xfail(strict=True, reason="not yet: ref-gpt2's greater-than probability difference (0.45) is a prior for "
-                                       "late years, not a comparison: the corrupt '01' prompts score the same (gap 0.002)")
 def test_greater_than_threshold(ref_behaviour):
     gt = ref_behaviour.greater_than
     assert gt.clean >= THRESHOLDS["greater_than"], gt
-    assert gt.gap > 0.2
+    # a comparison, not a prior for late years: with the start year "01" the same answers lose their advantage
+    assert gt.gap > 0.5 and gt.corrupt < 0, gt
 
 
 @pytest.mark.reference
