@@ -421,18 +421,14 @@ def training_examples(config: ZooConfig, tokenizer, chunk: int = 512) -> Iterato
                 answer = rng.choice(ex.answers[: config.gt_answer_window] if config.gt_answer_window else ex.answers)
             else:
                 answer = ex.answers[0]
+            rewrite = None
             if task == "ioi" and config.grammar_share > 0 and rng.random() < config.grammar_share:
+                rewrite = ioi_grammar_template
+            elif task == "ioi" and config.reworded_share > 0 and rng.random() < config.reworded_share:
+                rewrite = functools.partial(reword_template, IOI_TRAIN_TEMPLATES[ex.template], reword_pool)
+            if rewrite is not None:
                 while True:  # a filler word equal to one of the names would break "the name seen once"
-                    template = ioi_grammar_template(rng)
-                    new = _reworded_ioi(ex, template, generic.get("ioi", {}).get("names") if use_generic else None, rng)
-                    words = re.findall(r"\w+", new.clean)
-                    if words.count(new.answers[0].strip()) == 1 and words.count(new.wrongs[0].strip()) == 2:
-                        break
-                yield TrainingExample(task, use_generic, new, new.answers[0], template)
-                continue
-            if task == "ioi" and config.reworded_share > 0 and rng.random() < config.reworded_share:
-                while True:  # a filler word equal to one of the names would break "the name seen once"
-                    template = reword_template(IOI_TRAIN_TEMPLATES[ex.template], reword_pool, rng)
+                    template = rewrite(rng=rng)
                     new = _reworded_ioi(ex, template, generic.get("ioi", {}).get("names") if use_generic else None, rng)
                     words = re.findall(r"\w+", new.clean)
                     if words.count(new.answers[0].strip()) == 1 and words.count(new.wrongs[0].strip()) == 2:
@@ -492,14 +488,16 @@ def heldout_template_words() -> set[str]:
     from data.tasks import TEMPLATES
 
     k = HELDOUT_TEMPLATES["ioi"]
-    def words(templates):
-        return {w for t in templates for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", t))}
-    return words(TEMPLATES["ioi"][-k:]) - words(TEMPLATES["ioi"][:-k])
+    return _own_words(TEMPLATES["ioi"][-k:]) - _own_words(TEMPLATES["ioi"][:-k])
 
 
 def ioi_grammar_words() -> set[str]:
-    parts = IOI_OPENERS_CLAUSE + IOI_OPENERS_SENTENCE + IOI_ACTIVITIES + IOI_TRANSFERS
-    return {w for p in parts for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", p))}
+    return _own_words(IOI_OPENERS_CLAUSE + IOI_OPENERS_SENTENCE + IOI_ACTIVITIES + IOI_TRANSFERS)
+
+
+def _own_words(texts: list[str]) -> set[str]:
+    """The words of `texts` outside their {placeholders}."""
+    return {w for t in texts for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", t))}
 
 
 def reword_template(template: str, pool: list[str], rng: random.Random) -> str:
@@ -551,8 +549,8 @@ def reword_words(tokenizer) -> list[str]:
     """Lowercase single-token words for reworded IOI templates: no held-out template word, name or argument."""
     from data.tasks import TEMPLATES
 
-    banned = {w.lower() for t in TEMPLATES["ioi"][-HELDOUT_TEMPLATES["ioi"]:] for w in re.findall(r"[A-Za-z]+", t)}
-    banned |= {w.lower() for t in TEMPLATES["ioi"] for w in re.findall(r"[A-Za-z]+", t)}  # no accidental repeats
+    # every template's words (the held-out ones among them), so a filler never repeats a word of its sentence
+    banned = {w.lower() for t in TEMPLATES["ioi"] for w in re.findall(r"[A-Za-z]+", t)}
     banned |= set(split_pool(NAMES).heldout) | set(split_pool(DOC_ARGS).heldout)
     pool = generic_pools(tokenizer).get("docstring", {}).get("args", [])
     return [w for w in pool if w not in banned]
@@ -567,9 +565,7 @@ def generic_pools(tokenizer) -> dict[str, dict[str, list[str]]]:
     must make "a name" mean "whatever stands in the slot", as induction's random tokens do. Docstring arguments
     are lowercase words.
     """
-    from data.tasks import _pools
-
-    from data.tasks import TEMPLATES
+    from data.tasks import TEMPLATES, _pools
 
     heldout = set(split_pool(NAMES).heldout) | set(split_pool(DOC_ARGS).heldout)
     # A filler that also occurs in the sentence would appear twice and break the task's "the name seen once" logic.
