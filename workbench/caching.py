@@ -466,10 +466,7 @@ class _CacheJob:
             with open_segment(seg) as con:
                 table = con.sql("SELECT seq_id, pos, token FROM tokens ORDER BY seq_id, pos").to_arrow_table()
         else:
-            batch, ctx = tokens.shape
-            table = pa.table({"seq_id": pa.array(np.repeat(np.arange(seg.first, seg.end, dtype=np.int32), ctx)),
-                              "pos": pa.array(np.tile(np.arange(ctx, dtype=np.int16), batch)),
-                              "token": pa.array(tokens.numpy().astype(np.int32).reshape(-1))})
+            table = tokens_table(seg.first, tokens)
         n = table.num_rows
         table = table.add_column(0, "model", pa.array([m.model] * n, pa.string()).dictionary_encode())
         table = table.add_column(1, "run", pa.array([m.run] * n, pa.string()).dictionary_encode())

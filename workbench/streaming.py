@@ -39,9 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from workbench.errors import WorkbenchError
 from workbench.store import (CHUNK_ROWS, Run, Segment, Storage, chunk_checksums, damaged, read_segment_info, site_array,
-                             site_file)
+                             site_file, vanished)
 
 PIECES = 8  # windows per shuffle block
 CHUNK_BYTES = 8 * 2**20  # rows per in-order read (about this many bytes, a whole number of batches)
@@ -230,7 +229,7 @@ class RunReader:
                 os.close(fd)
         except (OSError, ValueError) as e:
             if not seg.path.exists():
-                raise WorkbenchError(f"segment {seg.path} disappeared while being read (was it deleted?); list the store again") from e
+                raise vanished(seg) from e
             raise damaged(seg, e, path) from e
         dtype = np.dtype(storage.numpy_dtype)
         return np.frombuffer(region, dtype=dtype, count=(last - first) * width, offset=start - aligned).reshape(-1, width)
