@@ -243,3 +243,23 @@ def test_stopping_early_stops_the_read_ahead_thread(cached, tiny_model):
         next(batches)
         batches.close()
     assert {t.ident for t in threading.enumerate()} == before
+
+
+@pytest.mark.parametrize("dtype,width", [(np.float32, 7), (np.float32, 128), (np.uint16, 3), (np.uint16, 1)])
+def test_running_checksums_equal_a_pass_over_the_whole_file(dtype, width):
+    """The writer's checksums, fed batch by batch (batches ending inside chunks and inside 8-byte words), equal
+    `chunk_checksums` over the finished array: the oracle the readers check against."""
+    from workbench.store import RunningChecksums, chunk_checksums
+
+    rng = np.random.default_rng(width)
+    for _ in range(10):
+        n = int(rng.integers(1, 2500))
+        array = rng.integers(0, 2**16, size=(n, width)).astype(dtype) if dtype == np.uint16 else rng.standard_normal((n, width)).astype(dtype)
+        chunk = int(rng.integers(1, 600))
+        running = RunningChecksums(array.strides[0], chunk)
+        start = 0
+        while start < n:
+            step = int(rng.integers(0, 300))
+            running.add(array[start:start + step])
+            start += step
+        assert running.finish() == chunk_checksums(array, chunk)

@@ -105,7 +105,7 @@ def test_resume_after_ctrl_c_and_after_sigkill(tmp_path, model_dirs, tiny_model,
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     # Ctrl-C: the job stops cleanly, deletes its unfinished segment and says how to resume
-    assert proc.returncode == 130 and "interrupted" in err and "re-run" in err, err[-2000:]
+    assert proc.returncode == 130 and "interrupted" in err and "re-run" in err, f"status {proc.returncode}: {err[-2000:]}"
     assert not list(run_dir(ws).glob(".seg-*"))
     first = {s.path.name: s.path.stat().st_mtime_ns for s in list_segments(run_dir(ws))}
     assert 2 <= len(first) < sequences // 2, "the interrupt must land mid-run"

@@ -536,6 +536,63 @@ def chunk_checksums(array: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> list[int
     return sums
 
 
+class RunningChecksums:
+    """`chunk_checksums` of a site file, accumulated as its rows are appended batch by batch.
+
+    The cache job's writer feeds it each batch it writes, so a segment's checksums cost
+    no second pass over the file (which, once the written pages have been dropped from
+    the page cache, would read it back from disk). Batches may end anywhere inside a
+    chunk and rows need not be a multiple of 8 bytes: the bytes of a word split between
+    two batches are carried over.
+    """
+
+    def __init__(self, row_bytes: int, chunk_rows: int = CHUNK_ROWS):
+        self.row_bytes, self.chunk_rows = row_bytes, chunk_rows
+        self.sums: list[int] = []
+        self.total = 0  # running sum of the current chunk's whole words
+        self.rows = 0  # rows of the current chunk so far
+        self.carry = b""  # the current chunk's trailing bytes that do not fill a word yet
+
+    def add(self, array: np.ndarray) -> None:
+        """Account for `array` [rows, ...] (C-contiguous, in its stored form) appended after the previous ones."""
+        raw = array.reshape(-1).view(np.uint8)
+        if len(raw) != len(array) * self.row_bytes:
+            raise ValueError(f"rows of {len(raw) // max(1, len(array))} bytes, expected {self.row_bytes}")
+        done = 0
+        while done < len(array):
+            take = min(len(array) - done, self.chunk_rows - self.rows)
+            self._add_bytes(raw[done * self.row_bytes:(done + take) * self.row_bytes])
+            done, self.rows = done + take, self.rows + take
+            if self.rows == self.chunk_rows:
+                self._close_chunk()
+
+    def finish(self) -> list[int]:
+        """The checksum of every chunk, the last one partial."""
+        if self.rows:
+            self._close_chunk()
+        return self.sums
+
+    def _add_bytes(self, raw: np.ndarray) -> None:
+        if self.carry:
+            head = bytes(raw[:8 - len(self.carry)])
+            self.carry += head
+            raw = raw[len(head):]
+            if len(self.carry) < 8:
+                return
+            self.total += int.from_bytes(self.carry, "little")
+            self.carry = b""
+        whole = len(raw) // 8 * 8
+        if whole:
+            self.total += int(raw[:whole].view("<u8").sum(dtype=np.uint64))
+        self.carry = bytes(raw[whole:])
+
+    def _close_chunk(self) -> None:
+        if self.carry:
+            self.total += int.from_bytes(self.carry + bytes(8 - len(self.carry)), "little")
+        self.sums.append(self.total % 2**64)
+        self.total, self.rows, self.carry = 0, 0, b""
+
+
 @contextlib.contextmanager
 def open_segment(segment: Segment) -> Iterator["duckdb.DuckDBPyConnection"]:
     """A read-only view of one published segment's `tokens` table, closed on exit; damage becomes one clear line.
