@@ -11,7 +11,10 @@
    method time. Target: attribution and RelP >= 50x.
 2. Agreement (the RelP paper's table): Pearson correlation of each method with
    exact patching per node family, with runtimes. Target: RelP >= 0.9 on MLP
-   outputs and above attribution patching there.
+   outputs and above attribution patching there. Then the same agreement on other
+   prompt sets (every held-out IOI template, greater-than, docstring), with the
+   spread of RelP minus attribution per family: one prompt set's difference in
+   the third decimal is not a ranking.
 3. Ground truth (the planted-circuit models): ROC AUC, precision and recall of
    every method's components (and edges, where the method scores edges).
    Target: activation, attribution, IG and RelP >= 0.95.
@@ -46,11 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats of each gradient method (median)")
     parser.add_argument("--skip-planted", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--skip-sets", action="store_true", help="skip the agreement sweep over other prompt sets")
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
     report: dict = {"torch_threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
     if not args.skip_reference:
         report["ioi"] = reference_tables(args.model, args.n, args.repeats)
+        if not args.skip_sets:
+            report["agreement_sets"] = agreement_sets(args.model, args.n)
     if not args.skip_planted:
         report["planted"] = planted_tables()
     if args.json:
@@ -92,6 +98,50 @@ def reference_tables(name: str, n: int, repeats: int) -> dict:
           f"speed-up attribution {rows['attribution']['speedup']:.0f}x, RelP {rows['relp']['speedup']:.0f}x (>= 50x: "
           f"{min(rows['attribution']['speedup'], rows['relp']['speedup']) >= 50})")
     return rows
+
+
+PROMPT_SETS = (("ioi", 0), ("ioi", 1), ("ioi", 2), ("ioi", 3), ("greater_than", 0), ("docstring", 0))
+
+
+def agreement_sets(name: str, n: int) -> dict:
+    """Pearson agreement with exact patching of attribution, RelP and IG on each of `PROMPT_SETS` (held-out split)."""
+    from circuits.commands import load_circuit_model
+    from circuits.evaluate import agreement_table
+    from workbench.errors import WorkbenchError
+
+    try:
+        model = load_circuit_model(name, None)
+    except WorkbenchError as e:
+        return {"skipped": str(e)}
+    methods = ("attribution", "relp", "ig")
+    print(f"\n== agreement with exact patching on other prompt sets ({name}, held-out split, up to {n} pairs of one length) ==")
+    print(f"{'set':<16}{'pairs':>6}  {'method':<12}" + "".join(f"{f:>9}" for f in AGREEMENT_FAMILIES))
+    out: dict = {}
+    for task, template in PROMPT_SETS:
+        label = f"{task}/{template}"
+        try:
+            prompts = one_length(make_task(task, model.tokenizer, n=4 * n, split="heldout", template=template, seed=0), n)
+        except WorkbenchError as e:
+            print(f"{label:<16} skipped: {e}")
+            continue
+        rows, _ = agreement_table(model, prompts.to(model.cfg.device), methods=methods, families=AGREEMENT_FAMILIES)
+        table = {m: {r.family: r.pearson for r in rows if r.method == m} for m in methods}
+        out[label] = {"pairs": len(prompts), "pearson": table}
+        for m in methods:
+            print(f"{label if m == methods[0] else '':<16}{len(prompts) if m == methods[0] else '':>6}  {m:<12}"
+                  + "".join(f"{table[m][f]:>9.3f}" for f in AGREEMENT_FAMILIES))
+    if out:
+        print(f"{'RelP - attribution':<34}" + "".join(f"{f:>9}" for f in AGREEMENT_FAMILIES))
+        summary = {}
+        for stat in ("mean", "min", "max"):
+            row = {}
+            for f in AGREEMENT_FAMILIES:
+                diffs = [v["pearson"]["relp"][f] - v["pearson"]["attribution"][f] for v in out.values()]
+                row[f] = {"mean": sum(diffs) / len(diffs), "min": min(diffs), "max": max(diffs)}[stat]
+            summary[stat] = row
+            print(f"  {stat + ' over ' + str(len(out)) + ' sets':<32}" + "".join(f"{row[f]:>+9.3f}" for f in AGREEMENT_FAMILIES))
+        out["relp_minus_attribution"] = summary
+    return out
 
 
 def _family(graph, family: str) -> torch.Tensor:
