@@ -48,16 +48,23 @@ def test_demo_builds_every_table_it_reports(demo_run):
 
 
 def test_demo_steering_feature_is_the_documented_choice(demo_run):
-    """Oracle: recompute the choice from the features table with pandas, independently of the SQL in pick_feature."""
+    """Oracle: recompute the choice from the features table with pandas, independently of the SQL in pick_feature:
+    the live feature with the largest top promoted logit, steered at twice its largest activation."""
+    from workbench.demo import STEER_MULTIPLE
     from workbench.workspace import Workspace
 
     ws, summary = demo_run
-    f = Workspace(ws).sql("SELECT * FROM features WHERE dictionary = 'demo-sae'")
-    live = f[(f["density"] >= 0.001) & (f["density"] <= 0.1)]
-    pool = live if len(live) else f
-    key = "mean_activation" if len(live) else "density"
-    best = pool.sort_values([key, "feature"], ascending=[False, True]).iloc[0]["feature"]
-    assert summary["steering_feature"] == int(best)
+    w = Workspace(ws)
+    f = w.sql("SELECT * FROM features WHERE dictionary = 'demo-sae'")
+    live = f[(f["density"] >= 0.001) & (f["density"] <= 0.1)].copy()
+    if len(live):
+        live["top"] = [float(v[0]) for v in live["promoted_logits"]]
+        best = live.sort_values(["top", "feature"], ascending=[False, True]).iloc[0]
+    else:
+        best = f.sort_values(["density", "feature"], ascending=[False, True]).iloc[0]
+    assert summary["steering_feature"] == int(best["feature"])
+    assert summary["steering_coef"] == pytest.approx(STEER_MULTIPLE * best["max_activation"], abs=0.01)
+    assert w.sql("SELECT coef FROM steering_runs")["coef"].iloc[0] == pytest.approx(summary["steering_coef"])
 
 
 def test_demo_behaviour_table_matches_a_fresh_measurement(demo_run, model_dirs):

@@ -15,9 +15,9 @@ so the demo is also a smoke test of the whole tool:
    write their `features` tables (top contexts, quantile samples, logits);
 5. `circuit`: find the IOI circuit with exact activation patching (the oracle),
    attribution patching and RelP, so the app can compare the three;
-6. `steer` the IOI prompt with one SAE feature (`pick_feature`: the live feature
-   with the largest mean activation among those firing on 0.1-10% of tokens),
-   sweeping its coefficient and measuring the target effect and side effects;
+6. `steer` the IOI prompt with one SAE feature (`pick_feature`: among those firing
+   on 0.1-10% of tokens, the one promoting one token most, at twice its largest
+   activation), sweeping its coefficient and measuring the target effect and side effects;
 7. open the app on the workspace (`--no-app` stops before that; the summary
    says how to open it later).
 
@@ -119,18 +119,18 @@ def run_demo(args: argparse.Namespace) -> dict:
         did.append(_say(f"IOI circuit by {method}: {_brief(out)}"))
 
     # 6. steering
-    feature = pick_feature(workspace, SAE_NAME)
-    steer = _command("steer", *ws, "--model", args.model, "--feature", f"{SAE_NAME}:{feature}", "--coef", "4",
+    feature, coef = pick_feature(workspace, SAE_NAME)
+    steer = _command("steer", *ws, "--model", args.model, "--feature", f"{SAE_NAME}:{feature}", "--coef", str(coef),
                      "--prompt", IOI_PROMPT, "--max-new-tokens", "12", "--temperature", "0", *device)
     b, st = steer.get("baseline", {}), steer.get("steered", {})
     sweep = ", ".join(f"{r.get('coef'):g}: {r.get('target_prob', float('nan')):.3g}" for r in steer.get("sweep", [])
                       if isinstance(r, dict) and "coef" in r)
-    did.append(_say(f"steered with feature {feature} of {SAE_NAME} (coef 4): P(its top promoted token) "
+    did.append(_say(f"steered with feature {feature} of {SAE_NAME} (coef {coef:g}, {STEER_MULTIPLE:g}x its largest activation): P(its top promoted token) "
                     f"{b.get('target_prob', float('nan')):.3g} -> {st.get('target_prob', float('nan')):.3g}, KL on neutral text "
                     f"{st.get('kl', float('nan')):.3g}; sweep {sweep or 'n/a'}"))
 
     result = {"model": args.model, "workspace": str(workspace.root), "did": did, "passed": behaviour.passed,
-              "behaviour": behaviour_rows_summary(behaviour), "circuits": circuits, "steering_feature": feature,
+              "behaviour": behaviour_rows_summary(behaviour), "circuits": circuits, "steering_feature": feature, "steering_coef": coef,
               "seconds": round(time.time() - started, 1)}
     if args.no_app:
         did.append(_say(f"done in {result['seconds']:.0f}s; open the app with: python -m workbench app "
@@ -145,17 +145,27 @@ def run_demo(args: argparse.Namespace) -> dict:
     return result
 
 
-def pick_feature(workspace, dictionary: str) -> int:
-    """The feature to steer with: among live features that fire on 0.1%-10% of tokens, the one with the largest mean activation."""
+STEER_MULTIPLE = 2.0  # the demo steers with this multiple of the feature's largest activation seen in text
+
+
+def pick_feature(workspace, dictionary: str) -> tuple[int, float]:
+    """The feature to steer with, and its coefficient.
+
+    Among live features that fire on 0.1%-10% of tokens, the one whose decoder direction promotes one token
+    most (largest top promoted logit): the demo measures the probability of that token. The coefficient is
+    STEER_MULTIPLE x the feature's largest activation, the scale the feature itself reaches; a fixed small
+    coefficient (4, before) moved the reference model's token probabilities by less than 1e-9.
+    """
     frame = workspace.sql(
-        "SELECT feature FROM features WHERE dictionary = ? AND density BETWEEN 0.001 AND 0.1 "
-        "ORDER BY mean_activation DESC, feature LIMIT 1", [dictionary])
+        "SELECT feature, max_activation FROM features WHERE dictionary = ? AND density BETWEEN 0.001 AND 0.1 "
+        "ORDER BY promoted_logits[1] DESC, feature LIMIT 1", [dictionary])
     if frame.empty:
-        frame = workspace.sql("SELECT feature FROM features WHERE dictionary = ? ORDER BY density DESC, feature LIMIT 1",
-                              [dictionary])
+        frame = workspace.sql("SELECT feature, max_activation FROM features WHERE dictionary = ? "
+                              "ORDER BY density DESC, feature LIMIT 1", [dictionary])
     if frame.empty:
         raise WorkbenchError(f"dictionary {dictionary!r} has no features table; the features step did not run")
-    return int(frame["feature"].iloc[0])
+    largest = float(frame["max_activation"].iloc[0])
+    return int(frame["feature"].iloc[0]), round(STEER_MULTIPLE * largest, 2) if largest > 0 else 1.0
 
 
 def publish_behaviour(workspace, model_name: str, behaviour) -> str:
