@@ -55,6 +55,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import time
@@ -525,25 +526,18 @@ def chunk_checksums(array: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> list[int
     About 19 GB/s here (a copy runs at about 5): cheap enough to check every chunk a reader touches, and any
     damaged word changes it (unlike a plain float sum, it sees every bit).
     """
-    sums = []
-    for a in range(0, len(array), chunk_rows):
-        raw = np.ascontiguousarray(array[a:a + chunk_rows]).reshape(-1).view(np.uint8)
-        whole = len(raw) // 8 * 8
-        total = int(raw[:whole].view("<u8").sum(dtype=np.uint64)) if whole else 0
-        if whole < len(raw):
-            total += int.from_bytes(bytes(raw[whole:]) + bytes(8 - len(raw) + whole), "little")
-        sums.append(total % 2**64)
-    return sums
+    running = RunningChecksums(array.dtype.itemsize * math.prod(array.shape[1:]), chunk_rows)
+    running.add(array)
+    return running.finish()
 
 
 class RunningChecksums:
-    """`chunk_checksums` of a site file, accumulated as its rows are appended batch by batch.
+    """`chunk_checksums` of rows appended batch by batch (it is also how `chunk_checksums` computes them).
 
     The cache job's writer feeds it each batch it writes, so a segment's checksums cost
-    no second pass over the file (which, once the written pages have been dropped from
-    the page cache, would read it back from disk). Batches may end anywhere inside a
-    chunk and rows need not be a multiple of 8 bytes: the bytes of a word split between
-    two batches are carried over.
+    no second pass over the finished file. Batches may end anywhere inside a chunk and
+    rows need not be a multiple of 8 bytes: the bytes of a word split between two
+    batches are carried over.
     """
 
     def __init__(self, row_bytes: int, chunk_rows: int = CHUNK_ROWS):
