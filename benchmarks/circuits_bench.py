@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_reference:
         report["ioi"] = reference_tables(args.model, args.n, args.repeats)
         if not args.skip_sets:
-            report["agreement_sets"] = agreement_sets(args.model, args.n)
+            report["agreement_sets"] = agreement_sets(args.model, args.n, report["ioi"])
     if not args.skip_planted:
         report["planted"] = planted_tables()
     if args.json:
@@ -83,7 +83,7 @@ def reference_tables(name: str, n: int, repeats: int) -> dict:
           f"(clean metric {exact.info.clean_metric:.3f}, corrupt {exact.info.corrupt_metric:.3f}) ==")
     print(f"{'method':<22}{'seconds':>10}{'speed-up':>10}   " + "".join(f"{f:>9}" for f in AGREEMENT_FAMILIES))
     print(f"{'activation (exact)':<22}{exact.info.runtime_s:>10.3f}{1.0:>10.1f}   " + "".join(f"{1.0:>9.3f}" for _ in AGREEMENT_FAMILIES))
-    rows = {"activation": {"seconds": exact.info.runtime_s, "nodes": n_nodes}}
+    rows = {"activation": {"seconds": exact.info.runtime_s, "nodes": n_nodes, "pairs": len(prompts)}}
     for label, method, rules, _ in SPEED_METHODS:
         times, graph = [], None
         for _ in range(repeats):
@@ -103,8 +103,12 @@ def reference_tables(name: str, n: int, repeats: int) -> dict:
 PROMPT_SETS = (("ioi", 0), ("ioi", 1), ("ioi", 2), ("ioi", 3), ("greater_than", 0), ("docstring", 0))
 
 
-def agreement_sets(name: str, n: int) -> dict:
-    """Pearson agreement with exact patching of attribution, RelP and IG on each of `PROMPT_SETS` (held-out split)."""
+def agreement_sets(name: str, n: int, ioi: dict | None = None) -> dict:
+    """Pearson agreement with exact patching of attribution, RelP and IG on each of `PROMPT_SETS` (held-out split).
+
+    `ioi`, the rows of `reference_tables` (the same prompts as the first set), supplies that set's figures
+    instead of patching it again.
+    """
     from circuits.commands import load_circuit_model
     from circuits.evaluate import agreement_table
     from workbench.errors import WorkbenchError
@@ -119,17 +123,17 @@ def agreement_sets(name: str, n: int) -> dict:
     out: dict = {}
     for task, template in PROMPT_SETS:
         label = f"{task}/{template}"
+        if (task, template) == PROMPT_SETS[0] and ioi and "relp" in ioi:
+            table = {m: ioi["ig_5" if m == "ig" else m]["pearson"] for m in methods}
+            _agreement_rows(out, label, ioi["activation"]["pairs"], table, methods)
+            continue
         try:
             prompts = one_length(make_task(task, model.tokenizer, n=4 * n, split="heldout", template=template, seed=0), n)
         except WorkbenchError as e:
             print(f"{label:<16} skipped: {e}")
             continue
         rows, _ = agreement_table(model, prompts.to(model.cfg.device), methods=methods, families=AGREEMENT_FAMILIES)
-        table = {m: {r.family: r.pearson for r in rows if r.method == m} for m in methods}
-        out[label] = {"pairs": len(prompts), "pearson": table}
-        for m in methods:
-            print(f"{label if m == methods[0] else '':<16}{len(prompts) if m == methods[0] else '':>6}  {m:<12}"
-                  + "".join(f"{table[m][f]:>9.3f}" for f in AGREEMENT_FAMILIES))
+        _agreement_rows(out, label, len(prompts), {m: {r.family: r.pearson for r in rows if r.method == m} for m in methods}, methods)
     if out:
         print(f"{'RelP - attribution':<34}" + "".join(f"{f:>9}" for f in AGREEMENT_FAMILIES))
         summary = {}
@@ -142,6 +146,13 @@ def agreement_sets(name: str, n: int) -> dict:
             print(f"  {stat + ' over ' + str(len(out)) + ' sets':<32}" + "".join(f"{row[f]:>+9.3f}" for f in AGREEMENT_FAMILIES))
         out["relp_minus_attribution"] = summary
     return out
+
+
+def _agreement_rows(out: dict, label: str, pairs: int, table: dict, methods) -> None:
+    out[label] = {"pairs": pairs, "pearson": table}
+    for m in methods:
+        print(f"{label if m == methods[0] else '':<16}{pairs if m == methods[0] else '':>6}  {m:<12}"
+              + "".join(f"{table[m][f]:>9.3f}" for f in AGREEMENT_FAMILIES))
 
 
 def _family(graph, family: str) -> torch.Tensor:
