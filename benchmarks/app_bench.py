@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SITE = "blocks.1.hook_resid_post"
-TC_IN, TC_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"  # the last block of the 2-layer ref-gpt2
+TC_IN, TC_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"  # block 1 of ref-gpt2 (middle block of three)
 SAE, TC = "bench-sae", "bench-tc"
 TRAIN_TOKENS = 400_000  # the live-training measurement's job
 

@@ -41,9 +41,6 @@ def test_relp_tracks_activation_patching_on_ioi_mlp_outputs(mlp_agreement):
     assert pearson["relp"] >= 0.9
 
 
-@pytest.mark.xfail(strict=True, reason="on the 2-layer ref-gpt2 attribution patching is already near exact on IOI MLP "
-                                       "outputs (Pearson 0.991); RelP ties it (0.989) rather than beating it (it does beat "
-                                       "it on residual and attention outputs: 0.964 vs 0.915, 0.987 vs 0.974)")
 def test_relp_beats_attribution_on_ioi_mlp_outputs(mlp_agreement):
     pearson, _ = mlp_agreement
     assert pearson["relp"] > pearson["attribution"]

@@ -575,7 +575,7 @@ def test_ref_start_year_vector_moves_the_predicted_year(ref_model):
         p = logits[rows_of, heldout.final_pos][:, years].softmax(-1)
         return (p * torch.arange(100.0)).sum(-1)
 
-    site = "blocks.0.hook_resid_post"
+    site = f"blocks.{ref_model.cfg.n_layers - 2}.hook_resid_post"  # the residual stream entering the last block
     (vector,) = contrastive_vectors(ref_model, late, early, [site], methods=["mean_diff"])
     meter = Meter(ref_model, heldout, metric=predicted_year)
     base = meter.baseline.metric
