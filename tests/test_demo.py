@@ -49,7 +49,7 @@ def test_demo_builds_every_table_it_reports(demo_run):
 
 def test_demo_steering_feature_is_the_documented_choice(demo_run):
     """Oracle: recompute the choice from the features table with pandas, independently of the SQL in pick_feature:
-    the live feature with the largest top promoted logit, steered at twice its largest activation."""
+    the live feature whose top promoted logit times its largest activation is largest, steered at twice that activation."""
     from workbench.demo import STEER_MULTIPLE
     from workbench.workspace import Workspace
 
@@ -58,8 +58,8 @@ def test_demo_steering_feature_is_the_documented_choice(demo_run):
     f = w.sql("SELECT * FROM features WHERE dictionary = 'demo-sae'")
     live = f[(f["density"] >= 0.001) & (f["density"] <= 0.1)].copy()
     if len(live):
-        live["top"] = [float(v[0]) for v in live["promoted_logits"]]
-        best = live.sort_values(["top", "feature"], ascending=[False, True]).iloc[0]
+        live["boost"] = [float(v[0]) * a for v, a in zip(live["promoted_logits"], live["max_activation"])]
+        best = live.sort_values(["boost", "feature"], ascending=[False, True]).iloc[0]
     else:
         best = f.sort_values(["density", "feature"], ascending=[False, True]).iloc[0]
     assert summary["steering_feature"] == int(best["feature"])

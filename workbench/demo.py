@@ -6,18 +6,20 @@ so the demo is also a smoke test of the whole tool:
 1. load the model (`--model`, default the bundled `ref-gpt2`), measure its four
    task behaviours on held-out prompts and publish them as the table
    `model_behaviours` (`db/behaviour.duckdb`);
-2. `cache` the residual stream after block 1 and block 1's MLP input and output
-   over the reference corpus's train split (`--tokens`, default 256k);
+2. `cache` the residual stream after the last block and the last block's MLP
+   input and output (`demo_sites`) over the reference corpus's train split
+   (`--tokens`, default 256k);
 3. `train` a TopK SAE on the residual stream and a skip transcoder replacing
-   block 1's MLP, on those cached activations (`--train-tokens`, default 2M:
+   the last block's MLP, on those cached activations (`--train-tokens`, default 2M:
    about eight passes over the cache);
 4. `eval` both (FVU, L0, CE loss recovered, KL, density) on held-out text and
    write their `features` tables (top contexts, quantile samples, logits);
 5. `circuit`: find the IOI circuit with exact activation patching (the oracle),
    attribution patching and RelP, so the app can compare the three;
 6. `steer` the IOI prompt with one SAE feature (`pick_feature`: among those firing
-   on 0.1-10% of tokens, the one promoting one token most, at twice its largest
-   activation), sweeping its coefficient and measuring the target effect and side effects;
+   on 0.1-10% of tokens, the one that raises one token's logit most at its own largest
+   activation, steered at twice that activation), sweeping its coefficient and
+   measuring the target effect and side effects;
 7. open the app on the workspace (`--no-app` stops before that; the summary
    says how to open it later).
 
@@ -36,15 +38,13 @@ import uuid
 
 from workbench.errors import WorkbenchError
 
-SAE_SITE = "blocks.1.hook_resid_post"
-MLP_IN, MLP_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
 SAE_NAME, TRANSCODER_NAME = "demo-sae", "demo-transcoder"
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
 def configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="ref-gpt2", help="model to run the demo on (default: the bundled ref-gpt2)")
-    parser.add_argument("--n", type=int, default=128, help="held-out prompts per task for the behaviour check (default 128)")
+    parser.add_argument("--n", type=int, default=1024, help="held-out prompts per task for the behaviour check (default 1024)")
     parser.add_argument("--tokens", default="256k", help="tokens to cache (default 256k)")
     parser.add_argument("--train-tokens", default="2M", help="activations to train each dictionary on, in passes over the cache (default 2M)")
     parser.add_argument("--d-sae", type=int, default=1024, help="features per dictionary (default 1024)")
@@ -80,6 +80,8 @@ def run_demo(args: argparse.Namespace) -> dict:
                     f"{model.cfg.d_model}, {model.cfg.n_heads} heads, vocab {model.cfg.d_vocab}) on {model.cfg.device}"))
     if model.cfg.n_layers < 2:
         raise WorkbenchError(f"the demo needs a model with at least 2 layers; {args.model} has {model.cfg.n_layers}")
+    last = model.cfg.n_layers - 1
+    sae_site, mlp_in, mlp_out = demo_sites(model.cfg.n_layers)
     behaviour = measure_model(model, n=args.n)
     print(describe(behaviour), file=sys.stderr)
     path = publish_behaviour(workspace, name, behaviour)
@@ -88,19 +90,19 @@ def run_demo(args: argparse.Namespace) -> dict:
     del model
 
     # 2. cache
-    cached = _command("cache", *ws, "--model", args.model, "--sites", f"{SAE_SITE},{MLP_IN},{MLP_OUT}",
+    cached = _command("cache", *ws, "--model", args.model, "--sites", f"{sae_site},{mlp_in},{mlp_out}",
                       "--tokens", str(tokens), *device)
-    did.append(_say(f"cached {cached.get('rows', tokens):,} tokens of {SAE_SITE}, {MLP_IN} and {MLP_OUT} "
+    did.append(_say(f"cached {cached.get('rows', tokens):,} tokens of {sae_site}, {mlp_in} and {mlp_out} "
                     f"(run {cached.get('run')})"))
 
     # 3. dictionaries
     common = ["--model", args.model, "--tokens", str(train_tokens), "--overwrite", *device]
-    sae = _command("train", *ws, *common, "--site", SAE_SITE, "--arch", "topk", "--d-sae", str(args.d_sae),
+    sae = _command("train", *ws, *common, "--site", sae_site, "--arch", "topk", "--d-sae", str(args.d_sae),
                    "--k", str(args.k), "--name", SAE_NAME)
-    did.append(_say(f"trained TopK SAE {SAE_NAME} ({args.d_sae} features, k={args.k}) on {SAE_SITE}: {_brief(sae)}"))
-    tc = _command("train", *ws, *common, "--site", MLP_IN, "--target", MLP_OUT, "--arch", "topk", "--d-sae",
+    did.append(_say(f"trained TopK SAE {SAE_NAME} ({args.d_sae} features, k={args.k}) on {sae_site}: {_brief(sae)}"))
+    tc = _command("train", *ws, *common, "--site", mlp_in, "--target", mlp_out, "--arch", "topk", "--d-sae",
                   str(args.d_sae), "--k", str(args.k), "--skip", "--name", TRANSCODER_NAME)
-    did.append(_say(f"trained skip transcoder {TRANSCODER_NAME} replacing block 1's MLP: {_brief(tc)}"))
+    did.append(_say(f"trained skip transcoder {TRANSCODER_NAME} replacing block {last}'s MLP: {_brief(tc)}"))
 
     # 4. evaluation and feature tables
     ev = _command("eval", *ws, "--dictionary", f"{SAE_NAME},{TRANSCODER_NAME}", *device)
@@ -148,17 +150,28 @@ def run_demo(args: argparse.Namespace) -> dict:
 STEER_MULTIPLE = 2.0  # the demo steers with this multiple of the feature's largest activation seen in text
 
 
+def demo_sites(n_layers: int) -> tuple[str, str, str]:
+    """The demo's sites: the residual stream after the last block (the SAE), and that block's MLP input and output
+    (the transcoder). After the last block only the final LayerNorm stands between a feature and the logits, so a
+    feature's promoted tokens are what steering with it does (on the 3-layer ref-gpt2, steering a block-1 feature at
+    twice its largest activation moved its token's probability from 5e-12 to 2e-8: block 2 undid most of it)."""
+    last = n_layers - 1
+    return f"blocks.{last}.hook_resid_post", f"blocks.{last}.ln2.hook_normalized", f"blocks.{last}.hook_mlp_out"
+
+
 def pick_feature(workspace, dictionary: str) -> tuple[int, float]:
     """The feature to steer with, and its coefficient.
 
-    Among live features that fire on 0.1%-10% of tokens, the one whose decoder direction promotes one token
-    most (largest top promoted logit): the demo measures the probability of that token. The coefficient is
-    STEER_MULTIPLE x the feature's largest activation, the scale the feature itself reaches; a fixed small
-    coefficient (4, before) moved the reference model's token probabilities by less than 1e-9.
+    Among live features that fire on 0.1%-10% of tokens, the one whose decoder direction, at the feature's own
+    largest activation, raises one token's logit most (top promoted logit x max activation): the demo measures
+    the probability of that token. The coefficient is STEER_MULTIPLE x the feature's largest activation, the
+    scale the feature itself reaches. A fixed small coefficient (4) moved the reference model's token
+    probabilities by less than 1e-9; ranking by the promoted logit alone picked a feature that fires weakly
+    (largest activation 6.8), whose token went from 6e-13 to 2e-7.
     """
     frame = workspace.sql(
         "SELECT feature, max_activation FROM features WHERE dictionary = ? AND density BETWEEN 0.001 AND 0.1 "
-        "ORDER BY promoted_logits[1] DESC, feature LIMIT 1", [dictionary])
+        "ORDER BY promoted_logits[1] * max_activation DESC, feature LIMIT 1", [dictionary])
     if frame.empty:
         frame = workspace.sql("SELECT feature, max_activation FROM features WHERE dictionary = ? "
                               "ORDER BY density DESC, feature LIMIT 1", [dictionary])
