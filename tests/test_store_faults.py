@@ -225,3 +225,36 @@ def test_corrupt_segment_gives_a_clear_error_and_the_rest_stays_readable(tmp_pat
     shutil.rmtree(bad)
     assert run_in_process(args)[0] == 0
     assert_matches_fresh_forward(tiny_model, corpus, ws, 12)
+
+
+def test_a_wait_interrupted_by_ctrl_c_still_waits_for_the_writer(tmp_path, monkeypatch):
+    """Ctrl-C inside `SegmentWriter.wait` must not mark the writer finished while its thread still works.
+
+    Oracle: the thread's own record of finishing. With `Thread.join` (Python 3.11's interrupted-join handler marks a
+    running thread stopped), the second wait returned at once and the CLI exited mid-publish with SIGABRT."""
+    import threading
+
+    from workbench.caching import SegmentWriter
+    from workbench.store import RunManifest
+
+    manifest = RunManifest("m", "r", ("x",), {"x": (4,)}, "float32", 8, "random", "all", "-", 2, 2)
+    release, finished = threading.Event(), []
+
+    def slow_append(*args):
+        release.wait()
+        finished.append(True)
+
+    writer = SegmentWriter(tmp_path, 0, manifest)
+    monkeypatch.setattr(writer, "_append", slow_append)
+    writer.append(0, torch.zeros((1, 8), dtype=torch.long), {"x": torch.zeros((1, 8, 4))})
+    writer.queue.put(None)
+    main = threading.main_thread().ident  # a real SIGINT, so the blocked wait wakes as under a real Ctrl-C
+    threading.Timer(0.2, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        writer.wait()
+    assert not finished
+    threading.Timer(0.3, release.set).start()
+    writer.wait()
+    assert finished == [True] and writer.done.is_set()
+    writer.abort()  # the temporary directory goes
+    assert not list(tmp_path.glob(".seg-*"))

@@ -211,6 +211,7 @@ class _CacheJob:
         self.new_rows = 0
         self.bar = None
         self.last_report = 0.0
+        self.writers: list[SegmentWriter] = []  # live segment writers (see `_compute`)
 
     def execute(self) -> CacheResult:
         m = self.manifest
@@ -356,10 +357,11 @@ class _CacheJob:
         self._open_bar(sum(b - a for a, b in pieces) * self.manifest.context)
         writer: SegmentWriter | None = None
         publishing: SegmentWriter | None = None
+        self.writers = []  # every live writer, registered before its thread starts (see the finally)
         batch: list[list[int]] = []
         try:
             for piece, i, row in self._wanted_rows(pieces, check):
-                writer = writer or SegmentWriter(self.directory, piece[0], self.manifest)
+                writer = writer or SegmentWriter(self.directory, piece[0], self.manifest, self.writers)
                 batch.append(row)
                 end_of_piece = i == piece[1] - 1
                 if len(batch) == self.batch_size or end_of_piece:
@@ -376,11 +378,15 @@ class _CacheJob:
                 last.wait()
             return self.exhausted_at
         finally:
-            if writer is not None:
-                writer.abort()
-            if publishing is not None:  # a complete segment: let it land (it is whole or not there at all)
-                with contextlib.suppress(Exception):
-                    publishing.wait()
+            # No writer thread may outlive the job, whatever line a Ctrl-C lands on (inside a writer's
+            # constructor, between `_publish` and the assignment of its result, inside a wait): a writer still
+            # running when the interpreter shut down took the process down with SIGABRT (see `SegmentWriter.wait`).
+            for w in self.writers:
+                if w.finishing:  # a complete segment: let it land (it is whole or not there at all)
+                    with contextlib.suppress(Exception):
+                        w.wait()
+                else:
+                    w.abort()
 
     def _wanted_rows(self, pieces: list[tuple[int, int]], check: Segment | None) -> Iterator[tuple[tuple[int, int], int, list[int]]]:
         """(piece, i, row) for each sequence i inside `pieces`, cut from the corpus in its fixed order.
@@ -445,6 +451,7 @@ class _CacheJob:
         """Hand `writer` its publishing (in its own thread) once the previous segment has landed; return it."""
         if publishing is not None:
             publishing.wait()
+            self.writers.remove(publishing)  # landed: the job need not hold it (nor its segment's tokens) any longer
         final = segment_path(self.directory, first, end)
 
         def after(tokens: Tensor) -> None:  # runs in the writer's thread, right after the rename
@@ -607,8 +614,9 @@ class SegmentWriter:
     job deletes.
     """
 
-    def __init__(self, directory: Path, first: int, manifest: RunManifest):
+    def __init__(self, directory: Path, first: int, manifest: RunManifest, registry: list | None = None):
         self.tmp = directory / f".seg-{first:09d}.{uuid.uuid4().hex[:8]}.tmp"
+        self.finishing = False  # set once `finish` has queued the publishing and the end of the queue
         self.manifest = manifest
         self.tokens: list[Tensor] = []  # [batch, context] per appended batch, for the token table and shard
         self.rows = 0
@@ -626,7 +634,10 @@ class SegmentWriter:
             self._remove_files()
             raise _disk_error(e, f"segment {self.tmp.name}") or e
         self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.done = threading.Event()  # set by the thread on its way out (see `wait`)
         self.thread = threading.Thread(target=self._work, name="segment-writer", daemon=True)
+        if registry is not None:
+            registry.append(self)  # before the thread exists, so whoever registered it can always stop it
         self.thread.start()
 
     def append(self, first_seq: int, tokens: Tensor, acts: dict[str, Tensor]) -> None:
@@ -640,31 +651,41 @@ class SegmentWriter:
         self._raise_error()
         self.queue.put(("publish", final, first, end, after))
         self.queue.put(None)
+        self.finishing = True  # only now: a writer interrupted before this is aborted, which also ends its thread
 
     def wait(self) -> None:
-        """Block until the writer's thread is done; raise what went wrong there, if anything."""
-        self.thread.join()
+        """Block until the writer's thread is done; raise what went wrong there, if anything.
+
+        Waits on `done`, not `Thread.join`: a Ctrl-C that interrupts `join` on Python 3.11 marks the thread
+        stopped while it still runs (threading's bpo-45274 handler releases the lock the running thread holds),
+        so every later `join` returned at once and the process could exit with the writer in the middle of
+        publishing; it then died of SIGABRT ("terminate called without an active exception"), not status 130.
+        """
+        self.done.wait()
         self._raise_error()
 
     def abort(self) -> None:
         """Stop, close and delete the temporary directory; the published segments are untouched."""
         self.error = self.error or _Aborted()
-        if self.thread.is_alive():
+        if self.thread.ident is not None and not self.done.is_set():  # started and not yet through
             self.queue.put(None)
-            self.thread.join()
+            self.done.wait()
         self._remove_files()
 
     def _work(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # drain: the main thread will see the error
-            try:
-                if item[0] == "rows":
-                    self._append(*item[1:])
-                else:
-                    self._publish(*item[1:])
-            except BaseException as e:  # handed to the main thread at its next append, finish or wait
-                self.error = e
+        try:
+            while (item := self.queue.get()) is not None:
+                if self.error is not None:
+                    continue  # drain: the main thread will see the error
+                try:
+                    if item[0] == "rows":
+                        self._append(*item[1:])
+                    else:
+                        self._publish(*item[1:])
+                except BaseException as e:  # handed to the main thread at its next append, finish or wait
+                    self.error = e
+        finally:
+            self.done.set()
 
     def _append(self, first_seq: int, tokens: Tensor, acts: dict[str, Tensor]) -> None:
         m = self.manifest
