@@ -187,6 +187,9 @@ PRESETS = {
 }
 
 THRESHOLDS = {"induction": 0.35, "ioi_accuracy": 0.85, "ioi_logit_diff": 1.5, "greater_than": 0.4, "docstring": 0.5}
+MEASURE_PROMPTS = 1024
+"""Held-out prompts per task for the behaviour figures (`zoo build`, `models`, `demo`). On 256, IOI accuracy moved
+with the held-out names a sample drew: the 2-layer ref-gpt2 read 0.80 there and 0.75-0.79 on five samples of 1024."""
 
 
 # ---------------------------------------------------------------------------- build
@@ -787,7 +790,7 @@ class Behaviour:
 LogitsFn = Callable[[Tensor], Tensor]  # tokens [batch, pos] -> logits [batch, pos, vocab]
 
 
-def measure(logits_of: LogitsFn, tokenizer, n: int = 1024, seed: int = 0, split: str = "heldout",
+def measure(logits_of: LogitsFn, tokenizer, n: int = MEASURE_PROMPTS, seed: int = 0, split: str = "heldout",
             batch_size: int = 64, context: int = 128) -> Behaviour:
     """The four behaviours (and held-out text loss) of any model given as a logits function."""
     with torch.no_grad():

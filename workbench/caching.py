@@ -211,7 +211,7 @@ class _CacheJob:
         self.new_rows = 0
         self.bar = None
         self.last_report = 0.0
-        self.writers: list[SegmentWriter] = []  # live segment writers (see `_compute`)
+        self.writers: list[SegmentWriter] = []  # every live writer, registered before its thread starts (see `_compute`)
 
     def execute(self) -> CacheResult:
         m = self.manifest
@@ -357,7 +357,6 @@ class _CacheJob:
         self._open_bar(sum(b - a for a, b in pieces) * self.manifest.context)
         writer: SegmentWriter | None = None
         publishing: SegmentWriter | None = None
-        self.writers = []  # every live writer, registered before its thread starts (see the finally)
         batch: list[list[int]] = []
         try:
             for piece, i, row in self._wanted_rows(pieces, check):

@@ -43,8 +43,11 @@ IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
 def configure_demo(parser: argparse.ArgumentParser) -> None:
+    from data.zoo import MEASURE_PROMPTS
+
     parser.add_argument("--model", default="ref-gpt2", help="model to run the demo on (default: the bundled ref-gpt2)")
-    parser.add_argument("--n", type=int, default=1024, help="held-out prompts per task for the behaviour check (default 1024)")
+    parser.add_argument("--n", type=int, default=MEASURE_PROMPTS,
+                        help=f"held-out prompts per task for the behaviour check (default {MEASURE_PROMPTS})")
     parser.add_argument("--tokens", default="256k", help="tokens to cache (default 256k)")
     parser.add_argument("--train-tokens", default="2M", help="activations to train each dictionary on, in passes over the cache (default 2M)")
     parser.add_argument("--d-sae", type=int, default=1024, help="features per dictionary (default 1024)")

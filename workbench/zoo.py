@@ -29,7 +29,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from data import BUNDLED_MODELS, bundled_model_dir
-from data.zoo import PRESETS, THRESHOLDS, Behaviour, ZooConfig, build, headline, measure, publish, read_card, write_card
+from data.zoo import MEASURE_PROMPTS, PRESETS, THRESHOLDS, Behaviour, ZooConfig, build, headline, measure, publish, read_card, write_card
 from workbench.errors import WorkbenchError
 
 __all__ = ["THRESHOLDS", "configure_models", "configure_zoo", "measure_model", "run_models", "run_zoo"]
@@ -39,7 +39,7 @@ __all__ = ["THRESHOLDS", "configure_models", "configure_zoo", "measure_model", "
 def configure_models(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="ref-gpt2",
                         help="model to measure: a bundled name, a local HuggingFace directory or a hub name (default ref-gpt2)")
-    parser.add_argument("--n", type=int, default=1024, help="prompts per task (default 1024)")
+    parser.add_argument("--n", type=int, default=MEASURE_PROMPTS, help=f"prompts per task (default {MEASURE_PROMPTS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt sets (default 0)")
     parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
                         help="prompt split: heldout (names, templates, years never in training; default) or train")
@@ -66,7 +66,7 @@ def run_models(args: argparse.Namespace) -> dict:
     return result
 
 
-def measure_model(model, n: int = 1024, seed: int = 0, split: str = "heldout") -> Behaviour:
+def measure_model(model, n: int = MEASURE_PROMPTS, seed: int = 0, split: str = "heldout") -> Behaviour:
     """The held-out behaviour of a TransformerBridge (see `data.zoo.measure`)."""
     import torch
 
@@ -130,7 +130,8 @@ def configure_zoo(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--threads", type=int, default=None, help="torch threads (default 2; results depend on it)")
     b.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help=f"override any recipe field ({', '.join(f.name for f in fields(ZooConfig))})")
-    b.add_argument("--n", type=int, default=1024, help="held-out prompts per task for the final measurement (default 1024)")
+    b.add_argument("--n", type=int, default=MEASURE_PROMPTS,
+                   help=f"held-out prompts per task for the final measurement (default {MEASURE_PROMPTS})")
     # Accept the CLI's common options after the action too (`zoo build --json`), without shadowing them when given before.
     b.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     b.add_argument("--workspace", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
