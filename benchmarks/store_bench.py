@@ -30,7 +30,9 @@ Three targets (issue 3), each printed as a ratio from this one run:
    model of GPT-2 small's shape (768 wide, 12 layers, sites at layer 5, 32k tokens
    by default), where the forward pass costs what it does in models people study.
 3. memory: peak RSS of a caching process and of a streaming process at 100k and 1M
-   tokens (separate subprocesses; target: no growth with tokens).
+   tokens (fresh subprocesses, three alternating rounds, medians; target: no growth with
+   tokens), beside a bare forward loop over the same tokens, whose own peak shows what
+   the model and glibc's heap do without the store.
 
 Rounds alternate between contenders (A B C A B C ...) so load from other processes
 hits them alike; ratios are printed from the medians, and from the best rounds in
@@ -38,7 +40,7 @@ parentheses. On a machine shared with other jobs both move a lot from run to run
 
     python benchmarks/store_bench.py [--rounds 5] [--read-rows 400000] [--width 256]
                                      [--cache-tokens 524288] [--cache-large-tokens 32768]
-                                     [--parts read,cache,memory]
+                                     [--parts read,cache,memory] [--memory-rounds 3]
 """
 
 from __future__ import annotations
@@ -81,9 +83,13 @@ def main() -> None:
         print(f"2. cache  : {label}: store.cache / bare forward with the same hooks = {_ratio(times, 'forward', 'cache')}   (target <= 1.25)")
         print(f"           {label}: store.cache / (tokenizing the corpus + bare forward) = {_ratio(times, 'tokenize_forward', 'cache')}")
     if memory:
-        for label, (small, large) in (("caching  ", memory["cache"]), ("streaming", memory["stream"])):
-            print(f"3. memory : {label} 1M / 100k tokens: peak RSS {large[0] / small[0]:.2f} ({small[0]:.0f} -> {large[0]:.0f} MiB), "
-                  f"steady RSS {large[1] / small[1]:.2f} ({small[1]:.0f} -> {large[1]:.0f} MiB)   (target: no growth)")
+        rounds = len(memory["cache"][0])
+        for key, label in (("cache", "caching          "), ("forward", "bare forward loop"), ("stream", "streaming        ")):
+            small, large = ([peak for peak, _ in runs] for runs in memory[key])
+            a, b = statistics.median(small), statistics.median(large)
+            spread = f"100k {min(small):.0f}-{max(small):.0f}, 1M {min(large):.0f}-{max(large):.0f}"
+            print(f"3. memory : {label} 1M / 100k tokens: median peak RSS of {rounds} {b / a:.2f} ({a:.0f} -> {b:.0f} MiB; {spread})"
+                  f"{'   (target: no growth)' if key != 'forward' else '   (reference: the model alone)'}")
 
 
 def _ratio(times: dict[str, list[float]], a: str, b: str) -> str:
@@ -300,6 +306,25 @@ store.cache(model, ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"], {token
 print(peak_mib())
 """
 
+_FORWARD_CHILD = _PEAK + """
+import sys, torch
+sys.path.insert(0, {root!r})
+from data.corpus import documents, token_chunks
+from workbench.caching import capture
+from workbench.model import load_model, stop_layer
+model = load_model({model!r}, device="cpu")
+sites = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+stop, rows, done = stop_layer(model, sites), [], 0
+for row in token_chunks(model.tokenizer, documents("reference", "train"), 128):
+    rows.append(row)
+    if len(rows) == 64 or done + len(rows) * 128 >= {tokens}:
+        capture(model, torch.tensor(rows), sites, torch.float32, stop)
+        done, rows = done + len(rows) * 128, []
+        if done >= {tokens}:
+            break
+print(peak_mib())
+"""
+
 _STREAM_CHILD = _PEAK + """
 import sys
 sys.path.insert(0, {root!r})
@@ -313,28 +338,36 @@ print(peak_mib())
 """
 
 
-def bench_memory(tmp: Path, args) -> dict[str, list[tuple[float, float]]]:
-    """Peak RSS of separate processes: caching 100k and 1M tokens (tiny GPT-2), streaming 100k and 1M rows."""
+def bench_memory(tmp: Path, args) -> dict[str, list[list[tuple[float, float]]]]:
+    """Peak RSS of fresh processes at 100k and 1M tokens, `--memory-rounds` alternating rounds each: caching (tiny
+    GPT-2, two sites), a bare forward loop over the same tokens with the same capture hooks (no store), and
+    streaming 100k and 1M rows. One process's peak moves by up to about 100 MiB from run to run (where glibc's
+    heap happens to fragment around the forward pass's temporaries), so one sample per size can show growth
+    that is not there, or hide growth that is: medians are compared."""
     from tests.tiny import build_tiny_model, tiny_tokenizer
     from workbench.store import ActivationStore
 
     model_dir = tmp / "tiny-gpt2"
     build_tiny_model("gpt2", model_dir, tiny_tokenizer())
-    result = {"cache": [], "stream": []}
-    for tokens in (100_000, 1_000_000):
-        ws = tmp / f"mem-cache-{tokens}"
-        start = time.perf_counter()
-        result["cache"].append(_child(_CACHE_CHILD.format(root=str(ROOT), model=str(model_dir), ws=str(ws), tokens=tokens)))
-        peak, steady = result["cache"][-1]
-        print(f"memory: caching {tokens:>9,} tokens (tiny GPT-2, 2 sites): peak RSS {peak:.0f} MiB, "
-              f"steady {steady:.0f} MiB ({time.perf_counter() - start:.0f} s)")
-    for tokens in (100_000, 1_000_000):
+    sizes = (100_000, 1_000_000)
+    result = {name: [[] for _ in sizes] for name in ("cache", "forward", "stream")}
+    for tokens in sizes:
         store = ActivationStore(tmp / f"mem-stream-{tokens}")
         write_random_run(store, "bench/random-rows", "random", tokens, args.width)
-        rows = tokens // 128 * 128
-        result["stream"].append(_child(_STREAM_CHILD.format(root=str(ROOT), ws=str(store.workspace.root), model="bench/random-rows", rows=rows)))
-        peak, steady = result["stream"][-1]
-        print(f"memory: streaming {rows:>9,} rows x {args.width} (buffer 16,384 rows): peak RSS {peak:.0f} MiB, steady {steady:.0f} MiB")
+    for r in range(args.memory_rounds):
+        for i, tokens in enumerate(sizes):
+            ws = tmp / f"mem-cache-{tokens}"
+            shutil.rmtree(ws, ignore_errors=True)
+            start = time.perf_counter()
+            result["cache"][i].append(_child(_CACHE_CHILD.format(root=str(ROOT), model=str(model_dir), ws=str(ws), tokens=tokens)))
+            took = time.perf_counter() - start
+            result["forward"][i].append(_child(_FORWARD_CHILD.format(root=str(ROOT), model=str(model_dir), tokens=tokens)))
+            rows = tokens // 128 * 128
+            result["stream"][i].append(_child(_STREAM_CHILD.format(root=str(ROOT), ws=str(tmp / f"mem-stream-{tokens}"),
+                                                                    model="bench/random-rows", rows=rows)))
+            print(f"memory round {r + 1}: {tokens:>9,} tokens: peak RSS caching {result['cache'][i][-1][0]:.0f} MiB ({took:.0f} s), "
+                  f"bare forward loop {result['forward'][i][-1][0]:.0f} MiB, streaming {rows:,} rows x {args.width} "
+                  f"(buffer 16,384 rows) {result['stream'][i][-1][0]:.0f} MiB")
     return result
 
 
@@ -380,6 +413,7 @@ def _parse():
     parser.add_argument("--cache-large-tokens", type=int, default=32_768,
                         help="tokens cached with the GPT-2-small-shaped model (0: skip it)")
     parser.add_argument("--parts", default="read,cache,memory", help="comma-separated subset of read,cache,memory")
+    parser.add_argument("--memory-rounds", type=int, default=3, help="fresh processes per size and contender for the peaks")
     return parser.parse_args()
 
 

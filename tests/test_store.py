@@ -218,6 +218,9 @@ def test_catalog_tokens_and_sql(cached, tiny_model):
     window = ws.sql("SELECT token FROM activation_tokens WHERE run = ? AND seq_id = 7 ORDER BY pos", [run.name])
     assert window["token"].tolist() == tokens[7].tolist()
     assert ws.sql("SELECT count(*) AS n, count(DISTINCT (seq_id, pos)) AS k FROM activation_tokens").iloc[0].tolist() == [SEQS * CTX] * 2
+    every = ws.sql("SELECT model, run, token FROM activation_tokens ORDER BY seq_id, pos")  # all three segments' shards
+    assert every["token"].tolist() == tokens.reshape(-1).tolist()
+    assert set(every["model"]) == {run.manifest.model} and set(every["run"]) == {run.name}
     # ad-hoc SQL over activations: the top rows of one unit, checked against the oracle
     top = store.sql('SELECT seq_id, pos, token, "blocks.0.hook_mlp_out"[3] AS a FROM activations ORDER BY a DESC LIMIT 5', model=tiny_model)
     values = oracle["blocks.0.hook_mlp_out"][:, 2]  # SQL arrays are 1-based

@@ -453,9 +453,9 @@ class _CacheJob:
             self.writers.remove(publishing)  # landed: the job need not hold it (nor its segment's tokens) any longer
         final = segment_path(self.directory, first, end)
 
-        def after(tokens: Tensor) -> None:  # runs in the writer's thread, right after the rename
+        def after(table: "pa.Table") -> None:  # runs in the writer's thread, right after the rename
             segments = list_segments(self.directory)
-            self._write_token_shard(next(s for s in segments if s.path == final), tokens)
+            self._write_token_shard(next(s for s in segments if s.path == final), table)
             self._write_catalog(segments)
             self._report("running", segments)
 
@@ -463,19 +463,16 @@ class _CacheJob:
         return writer
 
     # ------------------------------------------------------------------ mirrors and progress
-    def _write_token_shard(self, seg: Segment, tokens: Tensor | None = None) -> None:
-        """Mirror a segment's tokens as a Parquet shard (from `tokens` [sequences, context], else read back)."""
-        import pyarrow as pa
-
+    def _write_token_shard(self, seg: Segment, table: "pa.Table | None" = None) -> None:
+        """Mirror a segment's tokens as a Parquet shard (from its `tokens_table`, else read back from the segment)."""
         m = self.manifest
-        if tokens is None:
+        if table is None:
             with open_segment(seg) as con:
                 table = con.sql("SELECT seq_id, pos, token FROM tokens ORDER BY seq_id, pos").to_arrow_table()
-        else:
-            table = tokens_table(seg.first, tokens)
-        n = table.num_rows
-        table = table.add_column(0, "model", pa.array([m.model] * n, pa.string()).dictionary_encode())
-        table = table.add_column(1, "run", pa.array([m.run] * n, pa.string()).dictionary_encode())
+        # model and run are one value per shard: dictionary columns built from zeros (4 bytes a row), not a
+        # Python list of a million references encoded afterwards (about 100 MB at a million rows, at the peak)
+        table = table.add_column(0, "model", _constant_column(m.model, table.num_rows))
+        table = table.add_column(1, "run", _constant_column(m.run, table.num_rows))
         shard = f"{run_key(m.model, m.run)}.{seg.first:09d}-{seg.end:09d}"
         _guard_disk(lambda: self.workspace.append_rows(TOKENS_TABLE, table, shard=shard), f"token shard {shard}")
 
@@ -575,6 +572,12 @@ def storage_values(x: Tensor, dtype: str) -> np.ndarray:
     return flat.numpy() if dtype != "bfloat16" else flat.view(torch.int16).numpy().view(np.uint16)
 
 
+def _constant_column(value: str, rows: int) -> "pa.DictionaryArray":
+    import pyarrow as pa
+
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int32)), pa.array([value], pa.string()))
+
+
 def tokens_table(first_seq: int, tokens: Tensor) -> "pa.Table":
     """The Arrow token rows of `tokens` [sequences, context]: seq_id, pos, token."""
     import pyarrow as pa
@@ -583,7 +586,7 @@ def tokens_table(first_seq: int, tokens: Tensor) -> "pa.Table":
     return pa.table({
         "seq_id": pa.array(np.repeat(np.arange(first_seq, first_seq + batch, dtype=np.int32), ctx)),
         "pos": pa.array(np.tile(np.arange(ctx, dtype=np.int16), batch)),
-        "token": pa.array(tokens.numpy().astype(np.int32).reshape(-1)),
+        "token": pa.array(tokens.numpy().astype(np.int32, copy=False).reshape(-1)),
     })
 
 
@@ -617,7 +620,12 @@ class SegmentWriter:
         self.tmp = directory / f".seg-{first:09d}.{uuid.uuid4().hex[:8]}.tmp"
         self.finishing = False  # set once `finish` has queued the publishing and the end of the queue
         self.manifest = manifest
-        self.tokens: list[Tensor] = []  # [batch, context] per appended batch, for the token table and shard
+        # The segment's token ids, for its token table and shard: one buffer for the whole segment (its pages are
+        # touched only as rows arrive), not a small tensor kept per batch. Those stayed alive for the whole segment
+        # between the forward pass's large temporaries and fragmented the heap, so the job's memory crept up with
+        # the tokens cached.
+        self.first = first
+        self.token_ids = np.empty((manifest.segment_sequences, manifest.context), dtype=np.int32)
         self.rows = 0
         self.error: BaseException | None = None
         self.files = {}
@@ -642,11 +650,14 @@ class SegmentWriter:
     def append(self, first_seq: int, tokens: Tensor, acts: dict[str, Tensor]) -> None:
         """Queue one batch: `tokens` [batch, pos] and, per site, CPU activations [batch, pos, ...] in the storage dtype."""
         self._raise_error()
-        self.tokens.append(tokens)
+        at = first_seq - self.first
+        if not 0 <= at <= len(self.token_ids) - len(tokens):
+            raise WorkbenchError(f"sequences {first_seq}..{first_seq + len(tokens)} fall outside the segment starting at {self.first}")
+        self.token_ids[at:at + len(tokens)] = tokens.numpy()
         self.queue.put(("rows", first_seq, tokens, acts))
 
     def finish(self, final: Path, first: int, end: int, after) -> None:
-        """Queue the publishing of this segment as `final`, then `after(tokens)`; returns at once (see `wait`)."""
+        """Queue the publishing of this segment as `final`, then `after(table)` (its `tokens_table`); returns at once (see `wait`)."""
         self._raise_error()
         self.queue.put(("publish", final, first, end, after))
         self.queue.put(None)
@@ -712,10 +723,10 @@ class SegmentWriter:
                 os.fsync(f.fileno())
                 f.close()
                 sites[site] = {"shape": list(m.shapes[site]), "width": m.width(site), "checksums": self.checksums[site].finish()}
-            tokens = torch.cat(self.tokens)
+            table = tokens_table(first, torch.from_numpy(self.token_ids[:end - first]))
             con = duckdb.connect(str(self.tmp / "tokens.duckdb"), config={"threads": 1})
             try:
-                con.from_arrow(tokens_table(first, tokens)).create("tokens")
+                con.from_arrow(table).create("tokens")
                 con.execute("CHECKPOINT")
             finally:
                 con.close()
@@ -733,7 +744,7 @@ class SegmentWriter:
             raise _disk_error(e, f"segment {final.name}") or e
         os.replace(self.tmp, final)
         _fsync_dir(final.parent)
-        after(tokens)
+        after(table)
 
     def _remove_files(self) -> None:
         for f in self.files.values():
