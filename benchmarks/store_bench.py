@@ -46,7 +46,6 @@ parentheses. On a machine shared with other jobs both move a lot from run to run
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -85,7 +84,7 @@ def main() -> None:
     if memory:
         rounds = len(memory["cache"][0])
         for key, label in (("cache", "caching          "), ("forward", "bare forward loop"), ("stream", "streaming        ")):
-            small, large = ([peak for peak, _ in runs] for runs in memory[key])
+            small, large = memory[key]
             a, b = statistics.median(small), statistics.median(large)
             spread = f"100k {min(small):.0f}-{max(small):.0f}, 1M {min(large):.0f}-{max(large):.0f}"
             print(f"3. memory : {label} 1M / 100k tokens: median peak RSS of {rounds} {b / a:.2f} ({a:.0f} -> {b:.0f} MiB; {spread})"
@@ -151,7 +150,7 @@ def write_random_run(store, model: str, run: str, rows: int, width: int, npy: Pa
             if out is not None:
                 out[s * context:(s + n) * context] = x.reshape(-1, width).numpy()
             writer.append(s, torch.zeros((n, context), dtype=torch.long), {"x": x})
-        writer.finish(segment_path(directory, first, end), first, end, after=lambda tokens: None)
+        writer.finish(segment_path(directory, first, end), first, end, after=lambda table: None)
         writer.wait()
     if out is not None:
         out.flush()
@@ -280,20 +279,11 @@ def small_model(tmp: Path) -> str:
 # ====================================================================== 3. peak memory
 # Peak RSS of this process image: VmHWM, not ru_maxrss (which carries the parent's peak across fork + exec).
 _PEAK = """
-import json, statistics, threading, time
-def _status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-_samples = []
-def _sample():
-    while True:
-        _samples.append(_status("VmRSS:"))
-        time.sleep(0.2)
-threading.Thread(target=_sample, daemon=True).start()
 def peak_mib():
-    return json.dumps([_status("VmHWM:"), statistics.median(_samples[len(_samples) // 2:] or [0])])
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 """
+_MEMORY_SITES = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]  # what the caching and the bare-forward children capture
 
 _CACHE_CHILD = _PEAK + """
 import sys
@@ -302,7 +292,7 @@ from workbench.model import load_model
 from workbench.store import ActivationStore
 model = load_model({model!r}, device="cpu")
 store = ActivationStore({ws!r})
-store.cache(model, ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"], {tokens}, batch_size=64, progress=False)
+store.cache(model, {sites!r}, {tokens}, batch_size=64, progress=False)
 print(peak_mib())
 """
 
@@ -313,7 +303,7 @@ from data.corpus import documents, token_chunks
 from workbench.caching import capture
 from workbench.model import load_model, stop_layer
 model = load_model({model!r}, device="cpu")
-sites = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+sites = {sites!r}
 stop, rows, done = stop_layer(model, sites), [], 0
 for row in token_chunks(model.tokenizer, documents("reference", "train"), 128):
     rows.append(row)
@@ -338,7 +328,7 @@ print(peak_mib())
 """
 
 
-def bench_memory(tmp: Path, args) -> dict[str, list[list[tuple[float, float]]]]:
+def bench_memory(tmp: Path, args) -> dict[str, list[list[float]]]:
     """Peak RSS of fresh processes at 100k and 1M tokens, `--memory-rounds` alternating rounds each: caching (tiny
     GPT-2, two sites), a bare forward loop over the same tokens with the same capture hooks (no store), and
     streaming 100k and 1M rows. One process's peak moves by up to about 100 MiB from run to run (where glibc's
@@ -359,26 +349,25 @@ def bench_memory(tmp: Path, args) -> dict[str, list[list[tuple[float, float]]]]:
             ws = tmp / f"mem-cache-{tokens}"
             shutil.rmtree(ws, ignore_errors=True)
             start = time.perf_counter()
-            result["cache"][i].append(_child(_CACHE_CHILD.format(root=str(ROOT), model=str(model_dir), ws=str(ws), tokens=tokens)))
+            result["cache"][i].append(_child(_CACHE_CHILD.format(root=str(ROOT), model=str(model_dir), ws=str(ws), tokens=tokens, sites=_MEMORY_SITES)))
             took = time.perf_counter() - start
-            result["forward"][i].append(_child(_FORWARD_CHILD.format(root=str(ROOT), model=str(model_dir), tokens=tokens)))
+            result["forward"][i].append(_child(_FORWARD_CHILD.format(root=str(ROOT), model=str(model_dir), tokens=tokens, sites=_MEMORY_SITES)))
             rows = tokens // 128 * 128
             result["stream"][i].append(_child(_STREAM_CHILD.format(root=str(ROOT), ws=str(tmp / f"mem-stream-{tokens}"),
                                                                     model="bench/random-rows", rows=rows)))
-            print(f"memory round {r + 1}: {tokens:>9,} tokens: peak RSS caching {result['cache'][i][-1][0]:.0f} MiB ({took:.0f} s), "
-                  f"bare forward loop {result['forward'][i][-1][0]:.0f} MiB, streaming {rows:,} rows x {args.width} "
-                  f"(buffer 16,384 rows) {result['stream'][i][-1][0]:.0f} MiB")
+            print(f"memory round {r + 1}: {tokens:>9,} tokens: peak RSS caching {result['cache'][i][-1]:.0f} MiB ({took:.0f} s), "
+                  f"bare forward loop {result['forward'][i][-1]:.0f} MiB, streaming {rows:,} rows x {args.width} "
+                  f"(buffer 16,384 rows) {result['stream'][i][-1]:.0f} MiB")
     return result
 
 
-def _child(code: str) -> tuple[float, float]:
-    """(peak RSS, median RSS over the second half of the run) of a fresh process, MiB."""
+def _child(code: str) -> float:
+    """The peak RSS of a fresh process running `code`, MiB."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    peak, steady = json.loads(out.stdout.strip().splitlines()[-1])
-    return peak, steady
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 # ====================================================================== helpers

@@ -578,15 +578,15 @@ def _constant_column(value: str, rows: int) -> "pa.DictionaryArray":
     return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int32)), pa.array([value], pa.string()))
 
 
-def tokens_table(first_seq: int, tokens: Tensor) -> "pa.Table":
-    """The Arrow token rows of `tokens` [sequences, context]: seq_id, pos, token."""
+def tokens_table(first_seq: int, tokens: np.ndarray) -> "pa.Table":
+    """The Arrow token rows of int32 `tokens` [sequences, context]: seq_id, pos, token."""
     import pyarrow as pa
 
     batch, ctx = tokens.shape
     return pa.table({
         "seq_id": pa.array(np.repeat(np.arange(first_seq, first_seq + batch, dtype=np.int32), ctx)),
         "pos": pa.array(np.tile(np.arange(ctx, dtype=np.int16), batch)),
-        "token": pa.array(tokens.numpy().astype(np.int32, copy=False).reshape(-1)),
+        "token": pa.array(tokens.reshape(-1)),
     })
 
 
@@ -723,7 +723,7 @@ class SegmentWriter:
                 os.fsync(f.fileno())
                 f.close()
                 sites[site] = {"shape": list(m.shapes[site]), "width": m.width(site), "checksums": self.checksums[site].finish()}
-            table = tokens_table(first, torch.from_numpy(self.token_ids[:end - first]))
+            table = tokens_table(first, self.token_ids[:end - first])
             con = duckdb.connect(str(self.tmp / "tokens.duckdb"), config={"threads": 1})
             try:
                 con.from_arrow(table).create("tokens")
