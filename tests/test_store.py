@@ -169,6 +169,27 @@ def test_shuffled_epoch_covers_every_row_exactly_once(cached, tiny_model):
     assert torch.equal(ordered, oracle[site])
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_shuffled_batches_do_not_depend_on_the_reader_threads(cached, tiny_model, monkeypatch, threads):
+    """Gathering a batch with helper threads splits its row copies (a window's among them) across threads: the
+    batches must be exactly those one thread gathers, for one site and for aligned pairs."""
+    import workbench.streaming as streaming
+
+    store = cached[0]
+    a, b = "blocks.0.hook_resid_post", "blocks.0.attn.hook_z"  # widths 32 and 4 x 8: the pair's copies differ in size
+
+    def epoch():
+        return (list(store.batches(tiny_model, a, 48, buffer_rows=300, seed=3)),
+                list(store.pairs(tiny_model, a, b, 48, buffer_rows=300, seed=3)))
+
+    monkeypatch.setattr(streaming, "READ_THREADS", 1)
+    alone = epoch()
+    monkeypatch.setattr(streaming, "READ_THREADS", threads)
+    shared = epoch()
+    assert len(alone[0]) == len(shared[0]) and all(torch.equal(x, y) for x, y in zip(alone[0], shared[0]))
+    assert len(alone[1]) == len(shared[1]) and all(torch.equal(x, y) for p, q in zip(alone[1], shared[1]) for x, y in zip(p, q))
+
+
 def test_requested_dtype_and_device(cached, tiny_model):
     store, _, _, _, oracle = cached
     site = "blocks.0.hook_mlp_out"

@@ -19,7 +19,10 @@ How a shuffled epoch is made, with memory bounded by the buffer, not the run:
    block open the next block's first batch.
 4. When a block is done its maps are closed, so resident memory stays about one
    block however large the run. A background thread gathers a couple of batches
-   ahead of the consumer.
+   ahead of the consumer; with more than one core it splits each batch's rows
+   (and each block's checksum pass) with one helper thread (`READ_THREADS`):
+   numpy's gather and sums release the GIL, and one thread's random row copies
+   left the second core idle.
 
 Every row is in exactly one piece and every piece in exactly one block, so an
 epoch yields every selected row exactly once. Reading in order is the same
@@ -28,11 +31,13 @@ without the permutation, in store order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -48,6 +53,7 @@ KEYS = ("seq_id", "pos")  # computed from the row index, not stored per site
 # Every row of a mapped window is read, so its pages are mapped in one go (MAP_POPULATE, Linux) rather than
 # faulted in one by one.
 MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+READ_THREADS = min(2, os.cpu_count() or 1)  # threads that gather one shuffled batch (the reading thread + helpers)
 
 Columns = tuple[Tensor, ...]  # row-aligned tensors, one per selected column
 T = TypeVar("T")
@@ -79,12 +85,15 @@ def shuffled_batches(run: Run, columns: list[str], specs, start_row: int, max_ro
     permute = np.random.default_rng([seed, 1])  # numpy's permutation is several times faster than torch.randperm here
 
     def produce():
-        reader = RunReader(run, columns, specs)
+        with _helpers(READ_THREADS - 1) as helpers:
+            yield from blocks(RunReader(run, columns, specs, helpers, READ_THREADS - 1))
+
+    def blocks(reader: RunReader):
         pending: list[Columns] = []
         count = 0
         for g in range(0, len(order), PIECES):
             windows = [pieces[i] for i in order[g:g + PIECES]]
-            maps = [reader.window(seg, lo, hi) for seg, lo, hi in windows]
+            maps = reader.windows(windows)
             offsets = np.cumsum([0] + [hi - lo for _, lo, hi in windows])
             perm = permute.permutation(int(offsets[-1]))
             start = 0
@@ -154,8 +163,10 @@ class RunReader:
     unmapped, and leave its resident memory, as soon as the window's arrays are dropped.
     """
 
-    def __init__(self, run: Run, columns: list[str], specs):
+    def __init__(self, run: Run, columns: list[str], specs, helpers: ThreadPoolExecutor | None = None, helper_count: int = 0):
         self.run, self.columns, self.specs = run, columns, specs
+        # `helper_count` threads of `helpers` share `windows` and `gather` with the calling thread (0: it works alone)
+        self.helpers, self.helper_count = helpers, helper_count if helpers is not None else 0
         self.infos: dict[Segment, dict] = {}
         self.layouts: dict[tuple[Segment, str], tuple[int, int]] = {}
         self.checked: set[tuple[Segment, str, int]] = set()
@@ -178,6 +189,19 @@ class RunReader:
             out.append(cover[lo - first:hi - first])
         return out
 
+    def windows(self, ranges: list[tuple[Segment, int, int]]) -> list[list[np.ndarray | None]]:
+        """`window` of each (segment, lo, hi), dealt out between this thread and the helpers (the checksum pass is
+        most of the work)."""
+        n = 1 + self.helper_count
+        if n == 1 or len(ranges) < 2:
+            return [self.window(*r) for r in ranges]
+        futures = [self.helpers.submit(lambda part: [self.window(*r) for r in part], ranges[i::n]) for i in range(1, n)]
+        out: list = [None] * len(ranges)
+        out[0::n] = [self.window(*r) for r in ranges[0::n]]
+        for i, f in enumerate(futures, start=1):
+            out[i::n] = f.result()
+        return out
+
     def keys(self, name: str, seg: Segment, a: int, b: int) -> Tensor:
         """seq_id or pos of the rows [a, b) of `seg`."""
         return self._window_keys(name, seg, a, np.arange(b - a))
@@ -186,19 +210,26 @@ class RunReader:
         """The block rows `picks` (positions in the block's concatenated windows), window by window, one copy each."""
         picks = np.sort(picks)
         bounds = np.searchsorted(picks, offsets)
-        out = []
+        out, copies = [], []  # copies: (source rows, row indices, destination) per window and column
         for c, (name, (width, storage)) in enumerate(zip(self.columns, self.specs)):
             if name in KEYS:
                 out.append(torch.cat([self._window_keys(name, seg, lo, picks[bounds[w]:bounds[w + 1]] - offsets[w])
                                       for w, (seg, lo, _) in enumerate(windows)]))
                 continue
             batch = np.empty((len(picks), width), dtype=np.dtype(storage.numpy_dtype))
-            for w in range(len(windows)):
-                a, b = bounds[w], bounds[w + 1]
-                if a < b:
-                    np.take(maps[w][c], picks[a:b] - offsets[w], axis=0, out=batch[a:b])
+            copies += [(maps[w][c], picks[bounds[w]:bounds[w + 1]] - offsets[w], batch[bounds[w]:bounds[w + 1]])
+                       for w in range(len(windows)) if bounds[w] < bounds[w + 1]]
             out.append(_tensor(batch, storage))
+        self._copy(copies)
         return tuple(out)
+
+    def _copy(self, copies: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """Run the row copies, split by bytes between this thread and the helpers."""
+        parts = _split_copies(copies, 1 + self.helper_count)
+        futures = [self.helpers.submit(_take_all, part) for part in parts[1:]]
+        _take_all(parts[0])
+        for f in futures:
+            f.result()
 
     def _window_keys(self, name: str, seg: Segment, lo: int, rows: np.ndarray) -> Tensor:
         ctx = self.run.manifest.context
@@ -248,6 +279,46 @@ class RunReader:
                 raise damaged(seg, ValueError(f"rows {c * chunk}-{c * chunk + len(cover[i:i + chunk]) - 1} of {site} do not "
                                               "match their checksum"), site_file(seg.path, site))
             self.checked.add((seg, site, c))
+
+
+def _take_all(copies) -> None:
+    for source, rows, out in copies:
+        np.take(source, rows, axis=0, out=out)
+
+
+def _split_copies(copies, parts: int) -> list[list]:
+    """`copies` cut into `parts` lists of about equal bytes, in order (a window's copy may be cut in two)."""
+    if parts <= 1:
+        return [copies]
+    total = sum(out.nbytes for _, _, out in copies)
+    ends = [total * k / parts for k in range(1, parts)]  # the byte at which each part but the last ends
+    result, current, done = [], [], 0
+    for source, rows, out in copies:
+        row_bytes = out.nbytes // len(out)
+        while len(rows):
+            last = len(result) == len(ends)
+            n = len(rows) if last else min(len(rows), max(1, math.ceil((ends[len(result)] - done) / row_bytes)))
+            current.append((source, rows[:n], out[:n]))
+            done += n * row_bytes
+            rows, out = rows[n:], out[n:]
+            if not last and done >= ends[len(result)]:
+                result.append(current)
+                current = []
+    result.append(current)
+    return result + [[] for _ in range(parts - len(result))]
+
+
+@contextlib.contextmanager
+def _helpers(count: int):
+    """A pool of `count` helper threads for one reader (None when there are none), shut down on exit."""
+    if count <= 0:
+        yield None
+        return
+    pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="store-reader-helper")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ====================================================================== read-ahead
