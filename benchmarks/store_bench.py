@@ -32,7 +32,10 @@ Three targets (issue 3), each printed as a ratio from this one run:
 3. memory: peak RSS of a caching process and of a streaming process at 100k and 1M
    tokens (fresh subprocesses, three alternating rounds, medians; target: no growth with
    tokens), beside a bare forward loop over the same tokens, whose own peak shows what
-   the model and glibc's heap do without the store.
+   the model and glibc's heap do without the store. Two processes' peaks differ by up
+   to about 100 MiB whatever their length, so the 1M processes also report their peak
+   after their first 100k tokens: the same process's peak at 100k and at 1M tokens,
+   free of that noise.
 
 Rounds alternate between contenders (A B C A B C ...) so load from other processes
 hits them alike; ratios are printed from the medians, and from the best rounds in
@@ -89,6 +92,10 @@ def main() -> None:
             spread = f"100k {min(small):.0f}-{max(small):.0f}, 1M {min(large):.0f}-{max(large):.0f}"
             print(f"3. memory : {label} 1M / 100k tokens: median peak RSS of {rounds} {b / a:.2f} ({a:.0f} -> {b:.0f} MiB; {spread})"
                   f"{'   (target: no growth)' if key != 'forward' else '   (reference: the model alone)'}")
+        for key, label in (("cache", "caching          "), ("forward", "bare forward loop")):
+            ratios = [end / early for early, end in zip(memory[f"{key}@100k"][1], memory[key][1])]
+            print(f"           {label} within each 1M process, peak at the end / peak after its first 100k tokens: "
+                  f"median {statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})")
 
 
 def _ratio(times: dict[str, list[float]], a: str, b: str) -> str:
@@ -288,12 +295,21 @@ _MEMORY_SITES = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]  # what th
 _CACHE_CHILD = _PEAK + """
 import sys
 sys.path.insert(0, {root!r})
+import workbench.caching as caching
 from workbench.model import load_model
 from workbench.store import ActivationStore
 model = load_model({model!r}, device="cpu")
 store = ActivationStore({ws!r})
+seen, early = [0], []
+append = caching.SegmentWriter.append
+def counted(self, first_seq, tokens, acts):  # the peak so far, once 100k tokens have gone to the writer
+    seen[0] += tokens.numel()
+    if not early and seen[0] >= 100_000:
+        early.append(peak_mib())
+    return append(self, first_seq, tokens, acts)
+caching.SegmentWriter.append = counted
 store.cache(model, {sites!r}, {tokens}, batch_size=64, progress=False)
-print(peak_mib())
+print(early[0], peak_mib())
 """
 
 _FORWARD_CHILD = _PEAK + """
@@ -304,15 +320,17 @@ from workbench.caching import capture
 from workbench.model import load_model, stop_layer
 model = load_model({model!r}, device="cpu")
 sites = {sites!r}
-stop, rows, done = stop_layer(model, sites), [], 0
+stop, rows, done, early = stop_layer(model, sites), [], 0, []
 for row in token_chunks(model.tokenizer, documents("reference", "train"), 128):
     rows.append(row)
     if len(rows) == 64 or done + len(rows) * 128 >= {tokens}:
         capture(model, torch.tensor(rows), sites, torch.float32, stop)
         done, rows = done + len(rows) * 128, []
+        if not early and done >= 100_000:
+            early.append(peak_mib())
         if done >= {tokens}:
             break
-print(peak_mib())
+print(early[0], peak_mib())
 """
 
 _STREAM_CHILD = _PEAK + """
@@ -324,7 +342,7 @@ rows = 0
 for x in store.batches({model!r}, "x", 4096, buffer_rows=16384):
     rows += len(x)
 assert rows == {rows}, rows
-print(peak_mib())
+print(peak_mib(), peak_mib())
 """
 
 
@@ -341,6 +359,7 @@ def bench_memory(tmp: Path, args) -> dict[str, list[list[float]]]:
     build_tiny_model("gpt2", model_dir, tiny_tokenizer())
     sizes = (100_000, 1_000_000)
     result = {name: [[] for _ in sizes] for name in ("cache", "forward", "stream")}
+    result.update({f"{name}@100k": [[] for _ in sizes] for name in ("cache", "forward")})
     for tokens in sizes:
         store = ActivationStore(tmp / f"mem-stream-{tokens}")
         write_random_run(store, "bench/random-rows", "random", tokens, args.width)
@@ -349,25 +368,30 @@ def bench_memory(tmp: Path, args) -> dict[str, list[list[float]]]:
             ws = tmp / f"mem-cache-{tokens}"
             shutil.rmtree(ws, ignore_errors=True)
             start = time.perf_counter()
-            result["cache"][i].append(_child(_CACHE_CHILD.format(root=str(ROOT), model=str(model_dir), ws=str(ws), tokens=tokens, sites=_MEMORY_SITES)))
+            early, peak = _child(_CACHE_CHILD.format(root=str(ROOT), model=str(model_dir), ws=str(ws), tokens=tokens, sites=_MEMORY_SITES))
+            result["cache"][i].append(peak)
+            result["cache@100k"][i].append(early)
             took = time.perf_counter() - start
-            result["forward"][i].append(_child(_FORWARD_CHILD.format(root=str(ROOT), model=str(model_dir), tokens=tokens, sites=_MEMORY_SITES)))
+            early, peak = _child(_FORWARD_CHILD.format(root=str(ROOT), model=str(model_dir), tokens=tokens, sites=_MEMORY_SITES))
+            result["forward"][i].append(peak)
+            result["forward@100k"][i].append(early)
             rows = tokens // 128 * 128
             result["stream"][i].append(_child(_STREAM_CHILD.format(root=str(ROOT), ws=str(tmp / f"mem-stream-{tokens}"),
-                                                                    model="bench/random-rows", rows=rows)))
-            print(f"memory round {r + 1}: {tokens:>9,} tokens: peak RSS caching {result['cache'][i][-1]:.0f} MiB ({took:.0f} s), "
-                  f"bare forward loop {result['forward'][i][-1]:.0f} MiB, streaming {rows:,} rows x {args.width} "
-                  f"(buffer 16,384 rows) {result['stream'][i][-1]:.0f} MiB")
+                                                                    model="bench/random-rows", rows=rows))[-1])
+            print(f"memory round {r + 1}: {tokens:>9,} tokens: peak RSS caching {result['cache'][i][-1]:.0f} MiB "
+                  f"(after 100k tokens {result['cache@100k'][i][-1]:.0f}; {took:.0f} s), bare forward loop "
+                  f"{result['forward'][i][-1]:.0f} MiB (after 100k {result['forward@100k'][i][-1]:.0f}), streaming {rows:,} "
+                  f"rows x {args.width} (buffer 16,384 rows) {result['stream'][i][-1]:.0f} MiB")
     return result
 
 
-def _child(code: str) -> float:
-    """The peak RSS of a fresh process running `code`, MiB."""
+def _child(code: str) -> list[float]:
+    """What a fresh process running `code` prints on its last line: peak RSS figures, MiB."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    return float(out.stdout.strip().splitlines()[-1])
+    return [float(x) for x in out.stdout.strip().splitlines()[-1].split()]
 
 
 # ====================================================================== helpers
