@@ -53,7 +53,9 @@ KEYS = ("seq_id", "pos")  # computed from the row index, not stored per site
 # Every row of a mapped window is read, so its pages are mapped in one go (MAP_POPULATE, Linux) rather than
 # faulted in one by one.
 MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-READ_THREADS = min(2, os.cpu_count() or 1)  # threads that gather one shuffled batch (the reading thread + helpers)
+# Threads that gather one shuffled batch (the reading thread + helpers): two where this process may use two cores
+# (its CPU affinity, which a container or `taskset` narrows, not the machine's count).
+READ_THREADS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 Columns = tuple[Tensor, ...]  # row-aligned tensors, one per selected column
 T = TypeVar("T")
