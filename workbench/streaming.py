@@ -88,7 +88,7 @@ def shuffled_batches(run: Run, columns: list[str], specs, start_row: int, max_ro
 
     def produce():
         with _helpers(READ_THREADS - 1) as helpers:
-            yield from blocks(RunReader(run, columns, specs, helpers, READ_THREADS - 1))
+            yield from blocks(RunReader(run, columns, specs, helpers))
 
     def blocks(reader: RunReader):
         pending: list[Columns] = []
@@ -165,10 +165,10 @@ class RunReader:
     unmapped, and leave its resident memory, as soon as the window's arrays are dropped.
     """
 
-    def __init__(self, run: Run, columns: list[str], specs, helpers: ThreadPoolExecutor | None = None, helper_count: int = 0):
+    def __init__(self, run: Run, columns: list[str], specs, helpers: "_HelperPool | None" = None):
         self.run, self.columns, self.specs = run, columns, specs
-        # `helper_count` threads of `helpers` share `windows` and `gather` with the calling thread (0: it works alone)
-        self.helpers, self.helper_count = helpers, helper_count if helpers is not None else 0
+        self.helpers = helpers  # threads that share `windows` and `gather` with the calling thread (None: it works alone)
+        self.threads = 1 + (helpers.count if helpers is not None else 0)
         self.infos: dict[Segment, dict] = {}
         self.layouts: dict[tuple[Segment, str], tuple[int, int]] = {}
         self.checked: set[tuple[Segment, str, int]] = set()
@@ -194,14 +194,11 @@ class RunReader:
     def windows(self, ranges: list[tuple[Segment, int, int]]) -> list[list[np.ndarray | None]]:
         """`window` of each (segment, lo, hi), dealt out between this thread and the helpers (the checksum pass is
         most of the work)."""
-        n = 1 + self.helper_count
-        if n == 1 or len(ranges) < 2:
-            return [self.window(*r) for r in ranges]
-        futures = [self.helpers.submit(lambda part: [self.window(*r) for r in part], ranges[i::n]) for i in range(1, n)]
+        n = self.threads
+        parts = self._shared(lambda part: [self.window(*r) for r in part], [ranges[i::n] for i in range(n)])
         out: list = [None] * len(ranges)
-        out[0::n] = [self.window(*r) for r in ranges[0::n]]
-        for i, f in enumerate(futures, start=1):
-            out[i::n] = f.result()
+        for i, part in enumerate(parts):
+            out[i::n] = part
         return out
 
     def keys(self, name: str, seg: Segment, a: int, b: int) -> Tensor:
@@ -222,16 +219,13 @@ class RunReader:
             copies += [(maps[w][c], picks[bounds[w]:bounds[w + 1]] - offsets[w], batch[bounds[w]:bounds[w + 1]])
                        for w in range(len(windows)) if bounds[w] < bounds[w + 1]]
             out.append(_tensor(batch, storage))
-        self._copy(copies)
+        self._shared(_take_all, _split_copies(copies, self.threads))  # the row copies, split by bytes
         return tuple(out)
 
-    def _copy(self, copies: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
-        """Run the row copies, split by bytes between this thread and the helpers."""
-        parts = _split_copies(copies, 1 + self.helper_count)
-        futures = [self.helpers.submit(_take_all, part) for part in parts[1:]]
-        _take_all(parts[0])
-        for f in futures:
-            f.result()
+    def _shared(self, fn: Callable[[T], object], parts: list[T]) -> list:
+        """`fn(part)` for each part, the first in this thread and the others on the helpers; results in order."""
+        futures = [self.helpers.submit(fn, part) for part in parts[1:]]
+        return [fn(parts[0])] + [f.result() for f in futures]
 
     def _window_keys(self, name: str, seg: Segment, lo: int, rows: np.ndarray) -> Tensor:
         ctx = self.run.manifest.context
@@ -310,13 +304,21 @@ def _split_copies(copies, parts: int) -> list[list]:
     return result + [[] for _ in range(parts - len(result))]
 
 
+class _HelperPool(ThreadPoolExecutor):
+    """The `count` helper threads of one reader."""
+
+    def __init__(self, count: int):
+        super().__init__(max_workers=count, thread_name_prefix="store-reader-helper")
+        self.count = count
+
+
 @contextlib.contextmanager
-def _helpers(count: int):
+def _helpers(count: int) -> Iterator[_HelperPool | None]:
     """A pool of `count` helper threads for one reader (None when there are none), shut down on exit."""
     if count <= 0:
         yield None
         return
-    pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="store-reader-helper")
+    pool = _HelperPool(count)
     try:
         yield pool
     finally:
