@@ -289,6 +289,10 @@ _PEAK = """
 def peak_mib():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+early = []
+def passed(tokens):  # keeps the peak so far, once, when 100k tokens have gone through
+    if not early and tokens >= 100_000:
+        early.append(peak_mib())
 """
 _MEMORY_SITES = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]  # what the caching and the bare-forward children capture
 
@@ -300,12 +304,11 @@ from workbench.model import load_model
 from workbench.store import ActivationStore
 model = load_model({model!r}, device="cpu")
 store = ActivationStore({ws!r})
-seen, early = [0], []
+seen = [0]
 append = caching.SegmentWriter.append
-def counted(self, first_seq, tokens, acts):  # the peak so far, once 100k tokens have gone to the writer
+def counted(self, first_seq, tokens, acts):  # tokens handed to the writer so far
     seen[0] += tokens.numel()
-    if not early and seen[0] >= 100_000:
-        early.append(peak_mib())
+    passed(seen[0])
     return append(self, first_seq, tokens, acts)
 caching.SegmentWriter.append = counted
 store.cache(model, {sites!r}, {tokens}, batch_size=64, progress=False)
@@ -320,14 +323,13 @@ from workbench.caching import capture
 from workbench.model import load_model, stop_layer
 model = load_model({model!r}, device="cpu")
 sites = {sites!r}
-stop, rows, done, early = stop_layer(model, sites), [], 0, []
+stop, rows, done = stop_layer(model, sites), [], 0
 for row in token_chunks(model.tokenizer, documents("reference", "train"), 128):
     rows.append(row)
     if len(rows) == 64 or done + len(rows) * 128 >= {tokens}:
         capture(model, torch.tensor(rows), sites, torch.float32, stop)
         done, rows = done + len(rows) * 128, []
-        if not early and done >= 100_000:
-            early.append(peak_mib())
+        passed(done)
         if done >= {tokens}:
             break
 print(early[0], peak_mib())
@@ -342,7 +344,7 @@ rows = 0
 for x in store.batches({model!r}, "x", 4096, buffer_rows=16384):
     rows += len(x)
 assert rows == {rows}, rows
-print(peak_mib(), peak_mib())
+print(peak_mib())
 """
 
 
@@ -377,7 +379,7 @@ def bench_memory(tmp: Path, args) -> dict[str, list[list[float]]]:
             result["forward@100k"][i].append(early)
             rows = tokens // 128 * 128
             result["stream"][i].append(_child(_STREAM_CHILD.format(root=str(ROOT), ws=str(tmp / f"mem-stream-{tokens}"),
-                                                                    model="bench/random-rows", rows=rows))[-1])
+                                                                    model="bench/random-rows", rows=rows))[0])
             print(f"memory round {r + 1}: {tokens:>9,} tokens: peak RSS caching {result['cache'][i][-1]:.0f} MiB "
                   f"(after 100k tokens {result['cache@100k'][i][-1]:.0f}; {took:.0f} s), bare forward loop "
                   f"{result['forward'][i][-1]:.0f} MiB (after 100k {result['forward@100k'][i][-1]:.0f}), streaming {rows:,} "
