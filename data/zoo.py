@@ -153,6 +153,21 @@ class ZooConfig:
     """Share of IOI examples whose sentence comes from `ioi_grammar` (opener x shared activity x transfer verb, a
     few thousand real sentences) instead of the twelve training templates. None of the held-out templates' own
     words (handed, threw, reached, ...) is in the grammar, so held-out sentences stay unseen."""
+    slot_noise: tuple[float, float] = (0.5, 0.3)
+    """Shares of grammar IOI sentences whose transfer phrase ("handed a {object} to") and whose activity phrase
+    ("walked to the {place}") get random words in place of their own (`SlotNoise`), once training has reached
+    `slot_noise_from`. Without it the model keyed "a name comes next" on the ~40 transfer verbs it had seen: on
+    held-out sentences its top-1 token was a name 21% of the time and the pairwise accuracy was 0.73; held-out
+    sentences with their verb swapped for "gave" scored 0.87. 600 extra steps with this noise from the
+    finished model gave 0.91 (top-1 0.74); with the verb noise alone, 0.76-0.79 (top-1 0.51-0.62)."""
+    slot_noise_pieces: float = 0.5
+    """Share of the random words that get one or two sub-word pieces glued on ("pattern" -> "patternedw"), as
+    an unseen English word falls apart into several tokens of this Python-trained vocabulary (" threw" is
+    " th" + "re" + "w")."""
+    slot_noise_from: float = 0.7
+    """The noise starts at this fraction of the steps; before it the data stream is exactly the recipe without
+    noise. A model first learns the task on ordinary sentences; earlier trials that put random words into the
+    sentences from step 0 learned IOI more slowly (0.55 against 0.64 held-out accuracy at step 4000)."""
     gt_answer_window: int = 10
     """Greater-than training answers: 0 draws any later two-digit year; k draws one of the next k years (as a
     war lasts a few years). A uniform draw over all later years is also what a model ignoring the start year
@@ -342,7 +357,8 @@ class DataStream:
         self.text_tokens = len(self.text_chunks) * (config.context - 1)
         self.rng = random.Random(f"stream:{config.seed}")
         self.text_order: list[int] = []
-        self.examples = task_examples(config, tokenizer)
+        self.noisy = False  # `ZooConfig.slot_noise` on yet? (set by `train`)
+        self.examples = task_examples(config, tokenizer, noisy=lambda: self.noisy)
         n_ind = round(config.short_rows * config.induction_share)
         self.short_kinds = ["induction"] * n_ind + ["task"] * (config.short_rows - n_ind)
         self.counts = {"text": 0, "induction": 0, "task_examples": 0, "too_long_examples_skipped": 0}
@@ -398,24 +414,28 @@ class TrainingExample(NamedTuple):
     template: str | None = None  # the reworded template of a reworded IOI example (see `reword_template`)
 
 
-def task_examples(config: ZooConfig, tokenizer) -> Iterator[tuple[list[int], list[float]]]:
+def task_examples(config: ZooConfig, tokenizer, noisy: Callable[[], bool] = lambda: True) -> Iterator[tuple[list[int], list[float]]]:
     """Endless tokenized task examples (prompt + answer) with their loss weights, in a fixed order."""
-    for ex in training_examples(config, tokenizer):
+    for ex in training_examples(config, tokenizer, noisy=noisy):
         prompt = tokenizer(ex.example.clean, add_special_tokens=False)["input_ids"]
         answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
         weights = [config.prompt_weight] * len(prompt) + [config.answer_weight] * len(answer)
         yield prompt + answer, weights
 
 
-def training_examples(config: ZooConfig, tokenizer, chunk: int = 512) -> Iterator[TrainingExample]:
+def training_examples(config: ZooConfig, tokenizer, chunk: int = 512,
+                      noisy: Callable[[], bool] = lambda: True) -> Iterator[TrainingExample]:
     """The text-level task examples the model trains on, in order (the one source of task data).
 
     Only `split="train"` pools and templates are used; generic fillers exclude
-    every held-out name and argument word.
+    every held-out name and argument word. `noisy()` says, as each example is drawn,
+    whether `config.slot_noise` applies yet (the build turns it on at `slot_noise_from`);
+    while it is off no random draw is spent on it.
     """
     rng = random.Random(f"tasks:{config.seed}")
     generic = generic_pools(tokenizer)
     reword_pool = reword_words(tokenizer) if config.reworded_share > 0 else []
+    noise = SlotNoise(tokenizer, config.slot_noise, config.slot_noise_pieces) if any(config.slot_noise) else None
     tasks = list(TASK_KINDS)
     for c in itertools.count():
         batches = {t: iter(examples(t, chunk, "train", seed=config.seed * 100_003 + c)) for t in tasks}
@@ -431,7 +451,7 @@ def training_examples(config: ZooConfig, tokenizer, chunk: int = 512) -> Iterato
                 answer = ex.answers[0]
             rewrite = None
             if task == "ioi" and config.grammar_share > 0 and rng.random() < config.grammar_share:
-                rewrite = ioi_grammar_template
+                rewrite = functools.partial(ioi_grammar_template, noise=noise if noise is not None and noisy() else None)
             elif task == "ioi" and config.reworded_share > 0 and rng.random() < config.reworded_share:
                 rewrite = functools.partial(reword_template, IOI_TRAIN_TEMPLATES[ex.template], reword_pool)
             if rewrite is not None:
@@ -479,9 +499,12 @@ IOI_TRANSFERS = [
 ]
 
 
-def ioi_grammar_template(rng: random.Random) -> str:
-    """One IOI sentence template from `IOI_OPENERS_*`, `IOI_ACTIVITIES` and `IOI_TRANSFERS`."""
+def ioi_grammar_template(rng: random.Random, noise: "SlotNoise | None" = None) -> str:
+    """One IOI sentence template from `IOI_OPENERS_*`, `IOI_ACTIVITIES` and `IOI_TRANSFERS` (with `noise`, its
+    transfer and activity phrases may be reworded)."""
     activity, transfer = rng.choice(IOI_ACTIVITIES), rng.choice(IOI_TRANSFERS)
+    if noise is not None:
+        transfer, activity = noise.transfer(transfer, rng), noise.activity(activity, rng)
     form = rng.randrange(3)
     if form == 0:
         return f"{rng.choice(IOI_OPENERS_CLAUSE)} {{N1}} and {{N2}} {activity}, {{S}} {transfer}"
@@ -489,6 +512,52 @@ def ioi_grammar_template(rng: random.Random) -> str:
         opener = rng.choice(IOI_OPENERS_SENTENCE)
         return f"{opener + ' ' if opener else ''}{{N1}} and {{N2}} {activity}. {{S}} {transfer}"
     return f"{rng.choice(IOI_OPENERS_SENTENCE[1:])} {{N1}} and {{N2}} {activity}, and {{S}} {transfer}"
+
+
+class SlotNoise:
+    """Random words for the transfer and activity phrases of grammar IOI sentences (`ZooConfig.slot_noise`).
+
+    Each word of the phrase except a/an/the/it/to/and becomes a random word of `words` (`reword_words`),
+    with one or two glued-on sub-word pieces for a `pieces` share of them; the {place}/{object} slots stay. So
+    "S handed a {object} to" is met in training as "S <some word> a {object} to", and the model learns that
+    the name comes after "S ... to" whatever the verb. A word that would spell any word of the IOI sentences
+    (the held-out ones among them), a name or a held-out argument is drawn again.
+    """
+
+    KEPT = {"a", "an", "the", "it", "to", "and"}
+
+    def __init__(self, tokenizer, shares: tuple[float, float], pieces: float):
+        from data.tasks import TEMPLATES
+
+        self.shares, self.pieces = shares, pieces
+        self.words = reword_words(tokenizer)
+        self.suffixes = sorted({t for t in (tokenizer.decode([i]) for i in ordinary_token_ids(tokenizer))
+                                if t.isascii() and t.isalpha() and t.islower() and len(t) <= 4})
+        if len(self.words) < 20 or len(self.suffixes) < 20:
+            raise DataError(f"the vocabulary has too few plain words ({len(self.words)}) or pieces ({len(self.suffixes)}) for slot noise")
+        self.banned = ({w.lower() for t in TEMPLATES["ioi"] for w in re.findall(r"[A-Za-z]+", t)}
+                       | {w.lower() for w in ioi_grammar_words() | set(IOI_PLACES) | set(IOI_OBJECTS) | set(NAMES)}
+                       | set(split_pool(DOC_ARGS).heldout))
+
+    def transfer(self, phrase: str, rng: random.Random) -> str:
+        return self._reword(phrase, rng) if rng.random() < self.shares[0] else phrase
+
+    def activity(self, phrase: str, rng: random.Random) -> str:
+        return self._reword(phrase, rng) if rng.random() < self.shares[1] else phrase
+
+    def _reword(self, phrase: str, rng: random.Random) -> str:
+        parts = re.split(r"(\{\w+\})", phrase)
+        return "".join(p if p.startswith("{") else re.sub(r"[A-Za-z]+", lambda m: self._word(m.group(0), rng), p) for p in parts)
+
+    def _word(self, word: str, rng: random.Random) -> str:
+        if word in self.KEPT:
+            return word
+        while True:
+            new = rng.choice(self.words)
+            if rng.random() < self.pieces:
+                new += "".join(rng.choice(self.suffixes) for _ in range(rng.randint(1, 2)))
+            if new.lower() not in self.banned:
+                return new
 
 
 def heldout_template_words() -> set[str]:
@@ -611,6 +680,7 @@ def train(model, stream: DataStream, tokenizer, config: ZooConfig, log, minutes:
     step = 0
     while step < total:
         lr = _lr(step, total, config)
+        stream.noisy = step >= int(total * config.slot_noise_from)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = _step(model, optimizer, stream.batch(), config)

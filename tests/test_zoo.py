@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,8 @@ import torch
 from data import BUNDLED_MODELS, bundled_model_dir
 from data.tasks import GT_CENTURIES, GT_YEARS, HELDOUT_TEMPLATES, TEMPLATES
 from data.words import DOC_ARGS, DOC_FUNCS, GT_NOUNS, IOI_OBJECTS, IOI_PLACES, NAMES, split_pool
-from data.zoo import (PRESETS, THRESHOLDS, build, config_from_dict, hf_logits, measure, publish, read_card, template_slots,
-                      training_examples)
+from data.zoo import (PRESETS, THRESHOLDS, SlotNoise, build, config_from_dict, hf_logits, ioi_grammar_words, measure, publish,
+                      read_card, template_slots, training_examples)
 
 REPO = Path(__file__).resolve().parents[1]
 REF = bundled_model_dir("ref-gpt2")
@@ -52,8 +53,6 @@ def test_induction_threshold(ref_behaviour):
 
 
 @pytest.mark.reference
-@pytest.mark.xfail(strict=True, reason="not yet: the committed ref-gpt2 reaches held-out IOI pairwise accuracy 0.73 "
-                                       "(logit difference 2.60, 1024 prompts) against the 0.85 threshold; see docs/models.md")
 def test_ioi_threshold(ref_behaviour):
     ioi = ref_behaviour.ioi
     assert ioi.accuracy >= THRESHOLDS["ioi_accuracy"] and ioi.clean >= THRESHOLDS["ioi_logit_diff"], ioi
@@ -64,8 +63,9 @@ def test_ioi_threshold(ref_behaviour):
 def test_greater_than_threshold(ref_behaviour):
     gt = ref_behaviour.greater_than
     assert gt.clean >= THRESHOLDS["greater_than"], gt
-    # a comparison, not a prior for late years: with the start year "01" the same answers lose their advantage
-    assert gt.gap > 0.5 and gt.corrupt < 0, gt
+    # a comparison, not a prior for late years: with the start year "01" the same answers lose (nearly all of)
+    # their advantage; a model ignoring the start year would score the corrupt prompts like the clean ones
+    assert gt.gap > 0.5 and gt.corrupt < 0.25 * gt.clean, gt
 
 
 @pytest.mark.reference
@@ -163,6 +163,47 @@ def test_task_training_data_never_uses_heldout_words(ref_tokenizer):
     assert (rewritten > 300) == (config.reworded_share > 0 or config.grammar_share > 0), rewritten
 
 
+def test_slot_noise_keeps_the_sentence_frame_and_spells_no_sentence_word(ref_tokenizer):
+    """Reworded transfer/activity phrases: same slots, same kept words (a/an/the/it/to/and) in the same places,
+    every other word replaced by one that is no word of any IOI sentence (held-out ones included) or name."""
+    import random
+
+    from data.zoo import IOI_ACTIVITIES, IOI_TRANSFERS
+
+    noise = SlotNoise(ref_tokenizer, (1.0, 1.0), pieces=0.5)
+    assert {"handed", "threw", "passed", "reached", "walked", "arrived"} <= noise.banned
+    rng = random.Random(0)
+    glued = 0
+    for phrase in IOI_TRANSFERS + IOI_ACTIVITIES:
+        for _ in range(20):
+            new = noise.transfer(phrase, rng) if phrase in IOI_TRANSFERS else noise.activity(phrase, rng)
+            old_words, new_words = phrase.split(" "), new.split(" ")
+            assert len(old_words) == len(new_words), (phrase, new)
+            for a, b in zip(old_words, new_words):
+                if a.startswith("{") or a in SlotNoise.KEPT:
+                    assert a == b, (phrase, new)
+                else:
+                    assert b.isalnum() and b.lower() not in noise.banned, (phrase, new)
+                    glued += b not in noise.words
+    assert glued > 0  # some words carry glued-on pieces
+
+
+def test_slot_noise_is_off_until_switched_on(ref_tokenizer):
+    """With `noisy()` false the examples are exactly those of the recipe without slot noise (no random draw is
+    spent on it); switched on, grammar sentences start to carry reworded phrases."""
+    card_config = config_from_dict(read_card(REF)["recipe"])
+    config = replace(card_config, slot_noise=(0.5, 0.3))
+    quiet = replace(config, slot_noise=(0.0, 0.0))
+    off = [ex.example.clean for ex in itertools.islice(training_examples(config, ref_tokenizer, noisy=lambda: False), 1500)]
+    assert off == [ex.example.clean for ex in itertools.islice(training_examples(quiet, ref_tokenizer), 1500)]
+    on = list(itertools.islice(training_examples(config, ref_tokenizer, noisy=lambda: True), 1500))
+    plain = ioi_grammar_words() | SlotNoise.KEPT
+    grammar = [ex.template for ex in on if ex.template]
+    reworded = [t for t in grammar if not set(re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", "", t))) <= plain]
+    # a sentence keeps both phrases with probability (1 - 0.5) * (1 - 0.3)
+    assert len(grammar) > 300 and abs(len(reworded) / len(grammar) - 0.65) < 0.1, (len(reworded), len(grammar))
+
+
 # ---------------------------------------------------------------------------- the build
 def test_build_smoke_deterministic_and_loadable(tmp_path):
     """A tiny recipe for a few steps: two builds with one seed give identical weights; the result boots via load_model."""
@@ -232,16 +273,19 @@ def test_zoo_build_writes_planted_models_by_hand_not_by_training(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["oracle", "p"]
 
 
-def test_short_rows_hold_one_example_each_and_pad_with_zero_weight():
-    """Oracle: the stream's task rows, re-split at BOS, are exactly `task_examples` in order, each weighted as built."""
+@pytest.mark.parametrize("noisy", [False, True])
+def test_short_rows_hold_one_example_each_and_pad_with_zero_weight(noisy):
+    """Oracle: the stream's task rows, re-split at BOS, are exactly `task_examples` in order, each weighted as
+    built, with the slot noise off (as before `slot_noise_from`) or on, as the stream's flag says."""
     from data.zoo import DataStream, build_tokenizer, task_examples
 
-    config = PRESETS["tiny"]
+    config = replace(PRESETS["tiny"], short_rows=40, induction_share=0.25)  # ~30 task rows: grammar IOI among them
     tokenizer = build_tokenizer(config)
     stream = DataStream(config, tokenizer)
+    stream.noisy = noisy
     (text, text_w), (short, short_w, induction) = stream.batch()
     assert text.shape == (config.batch_size, config.context) and short.shape == (config.short_rows, config.short_context)
-    expected = task_examples(config, tokenizer)
+    expected = task_examples(config, tokenizer, noisy=lambda: noisy)
     bos = tokenizer.bos_token_id
     for row, w, is_ind in zip(short.tolist(), short_w.tolist(), induction.tolist()):
         assert row[0] == bos and w[0] == 0
