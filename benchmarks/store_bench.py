@@ -36,6 +36,10 @@ Three targets (issue 3), each printed as a ratio from this one run:
    to about 100 MiB whatever their length, so the 1M processes also report their peak
    after their first 100k tokens: the same process's peak at 100k and at 1M tokens,
    free of that noise.
+3b. long (`--parts long`, not run by default: about 80 s a round): one caching and one
+   bare-forward process per round followed to 3M tokens, reporting their peaks after
+   100k, 300k, 1M, 2M and 3M tokens, to see whether growth stops after the first
+   million.
 
 Rounds alternate between contenders (A B C A B C ...) so load from other processes
 hits them alike; ratios are printed from the medians, and from the best rounds in
@@ -43,7 +47,7 @@ parentheses. On a machine shared with other jobs both move a lot from run to run
 
     python benchmarks/store_bench.py [--rounds 5] [--read-rows 400000] [--width 256]
                                      [--cache-tokens 524288] [--cache-large-tokens 32768]
-                                     [--parts read,cache,memory] [--memory-rounds 3]
+                                     [--parts read,cache,memory[,long]] [--memory-rounds 3]
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def main() -> None:
         read = bench_read(tmp, args) if "read" in parts else None
         cache = bench_cache(tmp, args) if "cache" in parts else None
         memory = bench_memory(tmp, args) if "memory" in parts else None
+        long = bench_memory_long(tmp, args) if "long" in parts else None
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end; ratios from medians (and from best rounds) of alternating rounds")
     if read:
         print(f"1. read   : store.batches (shuffled) / np.load  = {_ratio(read, 'shuffled', 'npy')}   (target >= 0.60)")
@@ -96,6 +101,13 @@ def main() -> None:
             ratios = [end / early for early, end in zip(memory[f"{key}@100k"][1], memory[key][1])]
             print(f"           {label} within each 1M process, peak at the end / peak after its first 100k tokens: "
                   f"median {statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})")
+    for key, label in (("cache", "caching          "), ("forward", "bare forward loop")):
+        if long:
+            ratios = [peaks[-1] / peaks[0] for peaks in long[key]]
+            later = [peaks[-1] / peaks[2] for peaks in long[key]]
+            print(f"3b. long  : {label} within each 3M process, peak after 3M / after 100k tokens: median "
+                  f"{statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)}); 3M / 1M: "
+                  f"{', '.join(f'{x:.2f}' for x in later)}")
 
 
 def _ratio(times: dict[str, list[float]], a: str, b: str) -> str:
@@ -289,9 +301,10 @@ _PEAK = """
 def peak_mib():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+MARKS = {marks!r}
 early = []
-def passed(tokens):  # keeps the peak so far, once, when 100k tokens have gone through
-    if not early and tokens >= 100_000:
+def passed(tokens):  # keeps the peak so far, once, as each mark (tokens gone through) is passed
+    while len(early) < len(MARKS) and tokens >= MARKS[len(early)]:
         early.append(peak_mib())
 """
 _MEMORY_SITES = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]  # what the caching and the bare-forward children capture
@@ -312,7 +325,7 @@ def counted(self, first_seq, tokens, acts):  # tokens handed to the writer so fa
     return append(self, first_seq, tokens, acts)
 caching.SegmentWriter.append = counted
 store.cache(model, {sites!r}, {tokens}, batch_size=64, progress=False)
-print(early[0], peak_mib())
+print(*early, peak_mib())
 """
 
 _FORWARD_CHILD = _PEAK + """
@@ -332,7 +345,7 @@ for row in token_chunks(model.tokenizer, documents("reference", "train"), 128):
         passed(done)
         if done >= {tokens}:
             break
-print(early[0], peak_mib())
+print(*early, peak_mib())
 """
 
 _STREAM_CHILD = _PEAK + """
@@ -370,21 +383,48 @@ def bench_memory(tmp: Path, args) -> dict[str, list[list[float]]]:
             ws = tmp / f"mem-cache-{tokens}"
             shutil.rmtree(ws, ignore_errors=True)
             start = time.perf_counter()
-            early, peak = _child(_CACHE_CHILD.format(root=str(ROOT), model=str(model_dir), ws=str(ws), tokens=tokens, sites=_MEMORY_SITES))
+            early, peak = _child(_CACHE_CHILD.format(root=str(ROOT), model=str(model_dir), ws=str(ws), tokens=tokens,
+                                                     sites=_MEMORY_SITES, marks=[100_000]))
             result["cache"][i].append(peak)
             result["cache@100k"][i].append(early)
             took = time.perf_counter() - start
-            early, peak = _child(_FORWARD_CHILD.format(root=str(ROOT), model=str(model_dir), tokens=tokens, sites=_MEMORY_SITES))
+            early, peak = _child(_FORWARD_CHILD.format(root=str(ROOT), model=str(model_dir), tokens=tokens, sites=_MEMORY_SITES,
+                                                       marks=[100_000]))
             result["forward"][i].append(peak)
             result["forward@100k"][i].append(early)
             rows = tokens // 128 * 128
             result["stream"][i].append(_child(_STREAM_CHILD.format(root=str(ROOT), ws=str(tmp / f"mem-stream-{tokens}"),
-                                                                    model="bench/random-rows", rows=rows))[0])
+                                                                    model="bench/random-rows", rows=rows, marks=[]))[0])
             print(f"memory round {r + 1}: {tokens:>9,} tokens: peak RSS caching {result['cache'][i][-1]:.0f} MiB "
                   f"(after 100k tokens {result['cache@100k'][i][-1]:.0f}; {took:.0f} s), bare forward loop "
                   f"{result['forward'][i][-1]:.0f} MiB (after 100k {result['forward@100k'][i][-1]:.0f}), streaming {rows:,} "
                   f"rows x {args.width} (buffer 16,384 rows) {result['stream'][i][-1]:.0f} MiB")
     return result
+
+
+_LONG_MARKS = [100_000, 300_000, 1_000_000, 2_000_000, 3_000_000]
+
+
+def bench_memory_long(tmp: Path, args) -> dict[str, list[list[float]]]:
+    """One caching and one bare-forward process per round, each followed to 3M tokens: the peak RSS after
+    100k, 300k, 1M, 2M and 3M tokens of the same process (the model and sites of `bench_memory`)."""
+    from tests.tiny import build_tiny_model, tiny_tokenizer
+
+    model_dir = tmp / "tiny-gpt2-long"
+    build_tiny_model("gpt2", model_dir, tiny_tokenizer())
+    tokens, out = _LONG_MARKS[-1], {"cache": [], "forward": []}
+    for r in range(args.memory_rounds):
+        ws = tmp / "mem-long"
+        shutil.rmtree(ws, ignore_errors=True)
+        out["cache"].append(_child(_CACHE_CHILD.format(root=str(ROOT), model=str(model_dir), ws=str(ws), tokens=tokens,
+                                                       sites=_MEMORY_SITES, marks=_LONG_MARKS))[:-1])
+        out["forward"].append(_child(_FORWARD_CHILD.format(root=str(ROOT), model=str(model_dir), tokens=tokens,
+                                                           sites=_MEMORY_SITES, marks=_LONG_MARKS))[:-1])
+        for key in out:
+            print(f"long memory round {r + 1}: {key:8s} peak RSS after " + ", ".join(
+                f"{m / 1e6:g}M {v:.0f}" for m, v in zip(_LONG_MARKS, out[key][-1])) + " MiB")
+    shutil.rmtree(tmp / "mem-long", ignore_errors=True)
+    return out
 
 
 def _child(code: str) -> list[float]:
@@ -427,7 +467,8 @@ def _parse():
     parser.add_argument("--cache-tokens", type=int, default=524_288, help="tokens cached with the reference model")
     parser.add_argument("--cache-large-tokens", type=int, default=32_768,
                         help="tokens cached with the GPT-2-small-shaped model (0: skip it)")
-    parser.add_argument("--parts", default="read,cache,memory", help="comma-separated subset of read,cache,memory")
+    parser.add_argument("--parts", default="read,cache,memory",
+                        help="comma-separated subset of read,cache,memory,long (long: one process each followed to 3M tokens)")
     parser.add_argument("--memory-rounds", type=int, default=3, help="fresh processes per size and contender for the peaks")
     return parser.parse_args()
 
