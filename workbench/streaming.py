@@ -223,9 +223,11 @@ class RunReader:
         return tuple(out)
 
     def _shared(self, fn: Callable[[T], object], parts: list[T]) -> list:
-        """`fn(part)` for each part, the first in this thread and the others on the helpers; results in order."""
-        futures = [self.helpers.submit(fn, part) for part in parts[1:]]
-        return [fn(parts[0])] + [f.result() for f in futures]
+        """`fn(part)` for each part, the first in this thread and the others on the helpers; results in order.
+        An empty part (a block of one window, a batch of few copies) runs here: no hand-off for nothing."""
+        futures = [self.helpers.submit(fn, part) if part else None for part in parts[1:]]
+        first = fn(parts[0])
+        return [first] + [fn(part) if f is None else f.result() for f, part in zip(futures, parts[1:])]
 
     def _window_keys(self, name: str, seg: Segment, lo: int, rows: np.ndarray) -> Tensor:
         ctx = self.run.manifest.context
