@@ -452,7 +452,7 @@ def training_examples(config: ZooConfig, tokenizer, chunk: int = 512,
                 answer = ex.answers[0]
             rewrite = None
             if task == "ioi" and config.grammar_share > 0 and rng.random() < config.grammar_share:
-                rewrite = functools.partial(ioi_grammar_template, noise=noise if noise is not None and noisy() else None)
+                rewrite = functools.partial(ioi_grammar_template, noise=noise if noisy() else None)
             elif task == "ioi" and config.reworded_share > 0 and rng.random() < config.reworded_share:
                 rewrite = functools.partial(reword_template, IOI_TRAIN_TEMPLATES[ex.template], reword_pool)
             if rewrite is not None:
