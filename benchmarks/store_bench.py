@@ -101,8 +101,8 @@ def main() -> None:
             ratios = [end / early for early, end in zip(memory[f"{key}@100k"][1], memory[key][1])]
             print(f"           {label} within each 1M process, peak at the end / peak after its first 100k tokens: "
                   f"median {statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})")
-    for key, label in (("cache", "caching          "), ("forward", "bare forward loop")):
-        if long:
+    if long:
+        for key, label in (("cache", "caching          "), ("forward", "bare forward loop")):
             ratios = [peaks[-1] / peaks[0] for peaks in long[key]]
             later = [peaks[-1] / peaks[2] for peaks in long[key]]
             print(f"3b. long  : {label} within each 3M process, peak after 3M / after 100k tokens: median "
@@ -367,11 +367,9 @@ def bench_memory(tmp: Path, args) -> dict[str, list[list[float]]]:
     streaming 100k and 1M rows. One process's peak moves by up to about 100 MiB from run to run (where glibc's
     heap happens to fragment around the forward pass's temporaries), so one sample per size can show growth
     that is not there, or hide growth that is: medians are compared."""
-    from tests.tiny import build_tiny_model, tiny_tokenizer
     from workbench.store import ActivationStore
 
-    model_dir = tmp / "tiny-gpt2"
-    build_tiny_model("gpt2", model_dir, tiny_tokenizer())
+    model_dir = _tiny_model(tmp)
     sizes = (100_000, 1_000_000)
     result = {name: [[] for _ in sizes] for name in ("cache", "forward", "stream")}
     result.update({f"{name}@100k": [[] for _ in sizes] for name in ("cache", "forward")})
@@ -383,13 +381,11 @@ def bench_memory(tmp: Path, args) -> dict[str, list[list[float]]]:
             ws = tmp / f"mem-cache-{tokens}"
             shutil.rmtree(ws, ignore_errors=True)
             start = time.perf_counter()
-            early, peak = _child(_CACHE_CHILD.format(root=str(ROOT), model=str(model_dir), ws=str(ws), tokens=tokens,
-                                                     sites=_MEMORY_SITES, marks=[100_000]))
+            early, peak = _cache_peaks(model_dir, ws, tokens, [100_000])
             result["cache"][i].append(peak)
             result["cache@100k"][i].append(early)
             took = time.perf_counter() - start
-            early, peak = _child(_FORWARD_CHILD.format(root=str(ROOT), model=str(model_dir), tokens=tokens, sites=_MEMORY_SITES,
-                                                       marks=[100_000]))
+            early, peak = _forward_peaks(model_dir, tokens, [100_000])
             result["forward"][i].append(peak)
             result["forward@100k"][i].append(early)
             rows = tokens // 128 * 128
@@ -408,23 +404,38 @@ _LONG_MARKS = [100_000, 300_000, 1_000_000, 2_000_000, 3_000_000]
 def bench_memory_long(tmp: Path, args) -> dict[str, list[list[float]]]:
     """One caching and one bare-forward process per round, each followed to 3M tokens: the peak RSS after
     100k, 300k, 1M, 2M and 3M tokens of the same process (the model and sites of `bench_memory`)."""
-    from tests.tiny import build_tiny_model, tiny_tokenizer
-
-    model_dir = tmp / "tiny-gpt2-long"
-    build_tiny_model("gpt2", model_dir, tiny_tokenizer())
+    model_dir = _tiny_model(tmp)
     tokens, out = _LONG_MARKS[-1], {"cache": [], "forward": []}
     for r in range(args.memory_rounds):
         ws = tmp / "mem-long"
         shutil.rmtree(ws, ignore_errors=True)
-        out["cache"].append(_child(_CACHE_CHILD.format(root=str(ROOT), model=str(model_dir), ws=str(ws), tokens=tokens,
-                                                       sites=_MEMORY_SITES, marks=_LONG_MARKS))[:-1])
-        out["forward"].append(_child(_FORWARD_CHILD.format(root=str(ROOT), model=str(model_dir), tokens=tokens,
-                                                           sites=_MEMORY_SITES, marks=_LONG_MARKS))[:-1])
+        out["cache"].append(_cache_peaks(model_dir, ws, tokens, _LONG_MARKS)[:-1])
+        out["forward"].append(_forward_peaks(model_dir, tokens, _LONG_MARKS)[:-1])
         for key in out:
             print(f"long memory round {r + 1}: {key:8s} peak RSS after " + ", ".join(
                 f"{m / 1e6:g}M {v:.0f}" for m, v in zip(_LONG_MARKS, out[key][-1])) + " MiB")
     shutil.rmtree(tmp / "mem-long", ignore_errors=True)
     return out
+
+
+def _tiny_model(tmp: Path) -> Path:
+    """The tiny GPT-2 the memory parts cache from, built once per bench run."""
+    from tests.tiny import build_tiny_model, tiny_tokenizer
+
+    model_dir = tmp / "tiny-gpt2"
+    if not (model_dir / "config.json").is_file():
+        build_tiny_model("gpt2", model_dir, tiny_tokenizer())
+    return model_dir
+
+
+def _cache_peaks(model_dir: Path, ws: Path, tokens: int, marks: list[int]) -> list[float]:
+    """A fresh caching process's peak RSS after each of `marks` tokens, then at its end (MiB)."""
+    return _child(_CACHE_CHILD.format(root=str(ROOT), model=str(model_dir), ws=str(ws), tokens=tokens, sites=_MEMORY_SITES, marks=marks))
+
+
+def _forward_peaks(model_dir: Path, tokens: int, marks: list[int]) -> list[float]:
+    """The same for a bare forward loop over the same tokens with the same capture hooks."""
+    return _child(_FORWARD_CHILD.format(root=str(ROOT), model=str(model_dir), tokens=tokens, sites=_MEMORY_SITES, marks=marks))
 
 
 def _child(code: str) -> list[float]:
