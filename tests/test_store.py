@@ -8,6 +8,8 @@ each test reads it back a different way. Float32 rows must equal
 from __future__ import annotations
 
 import random
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -297,3 +299,56 @@ def test_running_checksums_equal_a_pass_over_the_whole_file(dtype, width):
             running.add(array[start:start + step])
             start += step
         assert running.finish() == chunk_checksums(array, chunk) == naive_checksums(array, chunk)
+
+
+@pytest.mark.parametrize("where", ["tmp_path", "shm", "refused"])
+def test_site_file_writes_exactly_the_rows_it_is_given(tmp_path, monkeypatch, where):
+    """A site file written batch by batch (batches ending anywhere, inside pages and across the staging buffer) is the
+    `.npy` file `np.save` writes for the concatenated rows: with O_DIRECT (ext4 here), wherever the filesystem decides
+    (tmpfs), and when the filesystem refuses the direct writes midway (the rest goes through the page cache)."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from workbench import caching
+    from workbench.caching import SiteFile, npy_header
+
+    monkeypatch.setattr(SiteFile, "STAGE", 3 * SiteFile.ALIGN)  # small, so the stage fills and wraps many times
+    directory = tmp_path
+    if where == "shm":
+        if not Path("/dev/shm").is_dir():
+            pytest.skip("no /dev/shm")
+        directory = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    refused = []
+    if where == "refused":
+        real = os.pwrite
+
+        def pwrite(fd, data, offset):
+            if not refused and offset > 0:
+                refused.append(offset)
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, data, offset)
+
+        monkeypatch.setattr(caching.os, "pwrite", pwrite)
+    rng = np.random.default_rng(3)
+    direct = []
+    try:
+        for width in (5, 128):
+            path = directory / f"site-{width}.npy"
+            f = SiteFile(path)
+            parts = [rng.standard_normal((int(rng.integers(0, 40)), width)).astype(np.float32) for _ in range(30)]
+            for part in parts:
+                f.write(part)
+            rows = np.concatenate(parts)
+            f.finish(npy_header(np.dtype(np.float32), len(rows), width))
+            direct.append((f.direct, len(refused)))
+            assert np.array_equal(np.load(path), rows)
+            assert path.stat().st_size == caching.NPY_HEADER_BYTES + rows.nbytes
+            assert np.load(path, mmap_mode="r").offset == caching.NPY_HEADER_BYTES
+        if where == "tmp_path" and hasattr(os, "O_DIRECT"):
+            assert SiteFile(directory / "probe.npy").direct, "ext4 takes O_DIRECT: the writes should bypass the page cache"
+        if where == "refused":
+            assert direct == [(False, 1), (True, 1)]  # the refusal hit the first file, which finished buffered
+    finally:
+        if where == "shm":
+            shutil.rmtree(directory, ignore_errors=True)

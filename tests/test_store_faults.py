@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 import torch
 
@@ -196,8 +197,9 @@ def test_corrupt_segment_gives_a_clear_error_and_the_rest_stays_readable(tmp_pat
     segments = list_segments(run_dir(ws))
     bad = segments[1].path
     site_data = bad / f"{SITES[0]}.npy"
-    with open(site_data, "r+b") as f:  # damage the data (past the 128-byte header): a few bytes flipped
-        f.seek(128 + 1000)
+    data_offset = np.load(site_data, mmap_mode="r").offset
+    with open(site_data, "r+b") as f:  # damage the data (past the header): a few bytes flipped
+        f.seek(data_offset + 1000)
         f.write(b"\x12\x34\x56\x78\x9a\xbc\xde\xf0")
     with pytest.raises(WorkbenchError) as e:
         list(store.batches(tiny_model, SITES[0], 64))

@@ -42,6 +42,7 @@ import hashlib
 import itertools
 import json
 import math
+import mmap
 import os
 import queue
 import re
@@ -591,7 +592,9 @@ def tokens_table(first_seq: int, tokens: np.ndarray) -> "pa.Table":
 
 
 # ====================================================================== the segment writer
-NPY_HEADER_BYTES = 128  # fixed, so the header can be written last, once the row count is known
+# Fixed, so the header can be written last, once the row count is known; one page, so the rows start page-aligned
+# (direct writes need that; segments written before used 128 bytes, and every reader takes the size from the header).
+NPY_HEADER_BYTES = 4096
 
 
 def npy_header(dtype: np.dtype, rows: int, width: int) -> bytes:
@@ -603,6 +606,102 @@ def npy_header(dtype: np.dtype, rows: int, width: int) -> bytes:
         raise WorkbenchError(f"a segment of {rows} rows is too large for its file header")
     body += b" " * pad + b"\n"
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
+
+
+class SiteFile:
+    """Appends raw rows to one new site file, bypassing the page cache (`O_DIRECT`) where the filesystem allows.
+
+    Why: on this project's virtual machines a buffered write of a page-cache page the guest has not touched
+    before costs about 2.5 ms of kernel time per MB, and even reused pages cost a copy plus writeback, all on the
+    cores the forward pass needs (measured: 786 MB written buffered took 1.97 s of system time the first time and
+    0.18 s plus a 0.33 s fsync after; with `O_DIRECT`, 0.02 s of system time and nothing left to sync).
+    Direct writes need a page-aligned buffer, file offset and length, so rows are copied into one reused
+    page-aligned staging buffer (`mmap`) that is written whenever it fills, whole pages at a time; the last
+    partial page is padded and the file truncated back to its true length. Where `O_DIRECT` is refused (tmpfs,
+    some network filesystems) the same writes go through the page cache. The first `NPY_HEADER_BYTES` are
+    zeros until `finish` writes the header there.
+    """
+
+    ALIGN = 4096  # a page: covers 512-byte and 4096-byte logical blocks
+    STAGE = 4 * 2**20
+
+    def __init__(self, path: Path):
+        self.path = path
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        direct = getattr(os, "O_DIRECT", 0)
+        try:
+            self.fd = os.open(path, flags | direct)
+            self.direct = bool(direct)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.fd, self.direct = os.open(path, flags), False
+        self.stage = mmap.mmap(-1, self.STAGE)
+        self.view = np.frombuffer(self.stage, dtype=np.uint8)
+        self.fill = NPY_HEADER_BYTES  # bytes of the stage in use (the header's placeholder first)
+        self.offset = 0  # the file offset of the stage's first byte (always page-aligned)
+
+    def write(self, raw: np.ndarray) -> None:
+        data = raw.reshape(-1).view(np.uint8)
+        while len(data):
+            n = min(len(data), self.STAGE - self.fill)
+            self.view[self.fill:self.fill + n] = data[:n]
+            self.fill += n
+            data = data[n:]
+            if self.fill == self.STAGE:
+                self._flush()
+
+    def finish(self, header: bytes) -> None:
+        """Write what is staged, truncate to the true length, write the header over the placeholder, fsync, close."""
+        size = self.offset + self.fill
+        pad = -self.fill % self.ALIGN
+        self.view[self.fill:self.fill + pad] = 0
+        self.fill += pad
+        self._flush()
+        os.ftruncate(self.fd, size)
+        self.view[:self.ALIGN] = 0
+        self.view[:len(header)] = np.frombuffer(header, dtype=np.uint8)
+        self._pwrite(memoryview(self.stage)[:self.ALIGN], 0)
+        os.fsync(self.fd)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+        if not self.stage.closed:
+            del self.view
+            self.stage.close()
+
+    def _flush(self) -> None:
+        whole = self.fill // self.ALIGN * self.ALIGN
+        if whole:
+            self._pwrite(memoryview(self.stage)[:whole], self.offset)
+            self.offset += whole
+            rest = self.fill - whole
+            self.view[:rest] = self.view[whole:self.fill]  # under a page, moved to the front (no overlap)
+            self.fill = rest
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        while len(data):
+            try:
+                n = os.pwrite(self.fd, data, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self.direct:
+                    raise
+                self._buffered()  # the filesystem took O_DIRECT at open but refuses the writes
+                continue
+            if n == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+            data, offset = data[n:], offset + n
+            if len(data) and n % self.ALIGN:
+                self._buffered()  # a short write left the offset unaligned: finish through the page cache
+
+    def _buffered(self) -> None:
+        import fcntl
+
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
 
 
 class SegmentWriter:
@@ -634,9 +733,7 @@ class SegmentWriter:
         try:
             self.tmp.mkdir()
             for site in manifest.sites:
-                f = open(site_file(self.tmp, site), "wb")
-                self.files[site] = f
-                f.write(bytes(NPY_HEADER_BYTES))
+                self.files[site] = SiteFile(site_file(self.tmp, site))
         except BaseException as e:
             self._remove_files()
             raise _disk_error(e, f"segment {self.tmp.name}") or e
@@ -706,7 +803,7 @@ class SegmentWriter:
             v = values[site]
             raw = np.ascontiguousarray(v.view(np.uint16) if v.dtype == np.float16 else v)
             self.checksums[site].add(raw)
-            self.files[site].write(memoryview(raw).cast("B"))
+            self.files[site].write(raw)
         self.rows += tokens.numel()
 
     def _publish(self, final: Path, first: int, end: int, after) -> None:
@@ -717,11 +814,7 @@ class SegmentWriter:
         try:
             sites = {}
             for site, f in self.files.items():
-                f.seek(0)
-                f.write(npy_header(np.dtype(storage.numpy_dtype), self.rows, m.width(site)))
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
+                f.finish(npy_header(np.dtype(storage.numpy_dtype), self.rows, m.width(site)))
                 sites[site] = {"shape": list(m.shapes[site]), "width": m.width(site), "checksums": self.checksums[site].finish()}
             table = tokens_table(first, self.token_ids[:end - first])
             con = duckdb.connect(str(self.tmp / "tokens.duckdb"), config={"threads": 1})
