@@ -63,6 +63,29 @@ def test_token_chunks_against_a_plain_concatenation(tokenizer):
         list(token_chunks(tokenizer, docs, 1))
 
 
+def test_grouped_fast_encoding_gives_the_ids_of_one_call_per_document(tokenizer, monkeypatch):
+    """`encoded_documents` (groups of documents through the Rust backend's `encode_batch_fast`) against the plain
+    `tokenizer(doc, add_special_tokens=False)` per document, on the reference corpus and on awkward text (special
+    tokens written out, empty documents, unicode, runs of spaces and digits), with groups split mid-stream."""
+    import itertools
+
+    import data.corpus as corpus
+    from data.corpus import encoded_documents
+
+    assert corpus._fast_backend(tokenizer) is not None, "the test tokenizer is a fast one: the grouped path is tested"
+    monkeypatch.setattr(corpus, "GROUP_CHARS", 5000)
+    awkward = ["", "<|endoftext|> after the end", "ünïcode 中文 \u2028 tabs\t\tand  spaces   ", "1732 to 1756, 0.5e-3",
+               "   ", "\n\n\n", "x" * 20000]
+    docs = awkward + list(itertools.islice(documents("reference", "train"), 40))
+    expected = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    assert list(encoded_documents(tokenizer, docs)) == expected
+    tokenizer.backend_tokenizer.enable_truncation(8)  # a backend left truncating is set back, as `tokenizer(...)` does
+    try:
+        assert list(encoded_documents(tokenizer, awkward)) == expected[:len(awkward)]
+    finally:
+        tokenizer.backend_tokenizer.no_truncation()
+
+
 def test_token_chunks_without_a_bos_token(tokenizer):
     class NoBos:  # a tokenizer that has no BOS token (some hub models): rows are plain stream windows
         bos_token_id = None

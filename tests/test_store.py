@@ -283,8 +283,9 @@ def naive_checksums(array: np.ndarray, chunk_rows: int) -> list[int]:
 
 @pytest.mark.parametrize("dtype,width", [(np.float32, 7), (np.float32, 128), (np.uint16, 3), (np.uint16, 1)])
 def test_running_checksums_equal_a_pass_over_the_whole_file(dtype, width):
-    """The writer's checksums, fed batch by batch (batches ending inside chunks and inside 8-byte words), equal
-    `chunk_checksums` over the finished array (what the readers check against) and a plain per-chunk sum."""
+    """The writer's checksums, fed batch by batch (batches ending inside chunks and inside 8-byte words) or in byte
+    pieces ending inside rows, equal `chunk_checksums` over the finished array (what the readers check against) and a
+    plain per-chunk sum."""
     from workbench.store import RunningChecksums, chunk_checksums
 
     rng = np.random.default_rng(width)
@@ -298,22 +299,29 @@ def test_running_checksums_equal_a_pass_over_the_whole_file(dtype, width):
             step = int(rng.integers(0, 300))
             running.add(array[start:start + step])
             start += step
-        assert running.finish() == chunk_checksums(array, chunk) == naive_checksums(array, chunk)
+        raw = array.reshape(-1).view(np.uint8)
+        by_bytes, start = RunningChecksums(array.strides[0], chunk), 0  # pieces ending inside rows (the writer's stages)
+        while start < len(raw):
+            step = int(rng.integers(0, 5000))
+            by_bytes.add_bytes(raw[start:start + step])
+            start += step
+        assert running.finish() == by_bytes.finish() == chunk_checksums(array, chunk) == naive_checksums(array, chunk)
 
 
 @pytest.mark.parametrize("where", ["tmp_path", "shm", "refused"])
-def test_site_file_writes_exactly_the_rows_it_is_given(tmp_path, monkeypatch, where):
-    """A site file written batch by batch (batches ending anywhere, inside pages and across the staging buffer) is the
-    `.npy` file `np.save` writes for the concatenated rows: with O_DIRECT (ext4 here), wherever the filesystem decides
-    (tmpfs), and when the filesystem refuses the direct writes midway (the rest goes through the page cache)."""
+def test_segment_writer_writes_exactly_the_rows_it_is_given(tmp_path, monkeypatch, where):
+    """A segment written batch by batch through small staging buffers (batches ending anywhere: inside pages, rows
+    and 8-byte words, across buffers) holds, per site, the `.npy` file `np.save` writes for the concatenated rows
+    converted to the storage dtype, and checksums equal to a pass over that file: with O_DIRECT (ext4 here), on
+    tmpfs, and when the filesystem refuses the direct writes midway (the rest goes through the page cache)."""
     import errno
     import os
     from pathlib import Path
 
     from workbench import caching
-    from workbench.caching import SiteFile, npy_header
+    from workbench.caching import SegmentWriter, StagePool
+    from workbench.store import STORAGE, RunManifest, chunk_checksums, list_segments, read_segment_info, segment_path
 
-    monkeypatch.setattr(SiteFile, "STAGE", 3 * SiteFile.ALIGN)  # small, so the stage fills and wraps many times
     directory = tmp_path
     if where == "shm":
         if not Path("/dev/shm").is_dir():
@@ -330,25 +338,41 @@ def test_site_file_writes_exactly_the_rows_it_is_given(tmp_path, monkeypatch, wh
             return real(fd, data, offset)
 
         monkeypatch.setattr(caching.os, "pwrite", pwrite)
-    rng = np.random.default_rng(3)
-    direct = []
+    rng = torch.Generator().manual_seed(3)
     try:
-        for width in (5, 128):
-            path = directory / f"site-{width}.npy"
-            f = SiteFile(path)
-            parts = [rng.standard_normal((int(rng.integers(0, 40)), width)).astype(np.float32) for _ in range(30)]
-            for part in parts:
-                f.write(part)
-            rows = np.concatenate(parts)
-            f.finish(npy_header(np.dtype(np.float32), len(rows), width))
-            direct.append((f.direct, len(refused)))
-            assert np.array_equal(np.load(path), rows)
-            assert path.stat().st_size == caching.NPY_HEADER_BYTES + rows.nbytes
-            assert np.load(path, mmap_mode="r").offset == caching.NPY_HEADER_BYTES
-        if where == "tmp_path" and hasattr(os, "O_DIRECT"):
-            assert SiteFile(directory / "probe.npy").direct, "ext4 takes O_DIRECT: the writes should bypass the page cache"
+        for dtype in ("float32", "float16", "bfloat16"):
+            context, shapes = 8, {"a": (5,), "b": (3, 7)}  # rows of 10/20 and 42/84 bytes
+            manifest = RunManifest("m", dtype, tuple(shapes), shapes, dtype, context, "random", "all", "-", 40, 40)
+            run = directory / dtype
+            run.mkdir()
+            pool = StagePool(8, 3 * caching.SiteFile.ALIGN)  # small: buffers fill and wrap many times
+            writer = SegmentWriter(run, 0, manifest, pool=pool)
+            direct = {site: f.direct for site, f in writer.files.items()}
+            batches, first = [], 0
+            while first < 40:
+                n = min(40 - first, int(torch.randint(1, 6, (), generator=rng)))
+                acts = {site: torch.randn((n, context, *shape), generator=rng) for site, shape in shapes.items()}
+                writer.append(first, torch.zeros((n, context), dtype=torch.long), acts)
+                batches.append(acts)
+                first += n
+            files = dict(writer.files)
+            writer.finish(segment_path(run, 0, 40), 0, 40, after=lambda table: None)
+            writer.wait()
+            (segment,) = list_segments(run)
+            info = read_segment_info(segment)
+            storage = STORAGE[dtype]
+            for site, shape in shapes.items():
+                rows = torch.cat([b[site] for b in batches]).to(storage.torch_dtype).reshape(40 * context, -1)
+                expected = rows.numpy() if dtype == "float32" else rows.view(torch.int16).numpy().view(np.uint16)
+                path = segment.path / f"{site}.npy"
+                assert np.array_equal(np.load(path), expected)
+                assert path.stat().st_size == caching.NPY_HEADER_BYTES + expected.nbytes
+                assert info["sites"][site]["checksums"] == chunk_checksums(expected)
+                if where == "tmp_path" and hasattr(os, "O_DIRECT"):
+                    assert direct[site] and files[site].direct, "ext4 takes O_DIRECT: the writes should bypass the page cache"
+            assert pool.free.qsize() == 8  # every buffer came back
         if where == "refused":
-            assert direct == [(False, 1), (True, 1)]  # the refusal hit the first file, which finished buffered
+            assert len(refused) == 1
     finally:
         if where == "shm":
             shutil.rmtree(directory, ignore_errors=True)

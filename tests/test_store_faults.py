@@ -242,14 +242,14 @@ def test_a_wait_interrupted_by_ctrl_c_still_waits_for_the_writer(tmp_path, monke
     manifest = RunManifest("m", "r", ("x",), {"x": (4,)}, "float32", 8, "random", "all", "-", 2, 2)
     release, finished = threading.Event(), []
 
-    def slow_append(*args):
+    def slow_publish(*args):
         release.wait()
         finished.append(True)
 
     writer = SegmentWriter(tmp_path, 0, manifest)
-    monkeypatch.setattr(writer, "_append", slow_append)
+    monkeypatch.setattr(writer, "_publish", slow_publish)
     writer.append(0, torch.zeros((1, 8), dtype=torch.long), {"x": torch.zeros((1, 8, 4))})
-    writer.queue.put(None)
+    writer.finish(tmp_path / "seg-000000000-000000001", 0, 1, after=lambda table: None)
     main = threading.main_thread().ident  # a real SIGINT, so the blocked wait wakes as under a real Ctrl-C
     threading.Timer(0.2, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt):

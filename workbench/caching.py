@@ -54,7 +54,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ from workbench.store import (
     CATALOG_TABLE,
     STORAGE,
     TOKENS_TABLE,
+    Storage,
     ActivationStore,
     RunManifest,
     CHUNK_ROWS,
@@ -359,9 +360,11 @@ class _CacheJob:
         writer: SegmentWriter | None = None
         publishing: SegmentWriter | None = None
         batch: list[list[int]] = []
+        # a segment filling and one publishing (which gives its buffers back as it writes them) share these
+        self.stages = StagePool((STAGES_PER_SITE + 1) * len(self.manifest.sites), STAGE_BYTES)
         try:
             for piece, i, row in self._wanted_rows(pieces, check):
-                writer = writer or SegmentWriter(self.directory, piece[0], self.manifest, self.writers)
+                writer = writer or SegmentWriter(self.directory, piece[0], self.manifest, self.writers, self.stages)
                 batch.append(row)
                 end_of_piece = i == piece[1] - 1
                 if len(batch) == self.batch_size or end_of_piece:
@@ -431,8 +434,9 @@ class _CacheJob:
     def _forward_and_write(self, writer: "SegmentWriter", first_seq: int, rows: list[list[int]]) -> None:
         m = self.manifest
         tokens = torch.tensor(rows, dtype=torch.long)  # [batch, pos]
-        acts = capture(self.model, tokens, m.sites, STORAGE[m.dtype].torch_dtype, self.stop)
-        writer.append(first_seq, tokens, {site: x.cpu() for site, x in acts.items()})
+        writer.begin(first_seq, tokens)
+        capture(self.model, tokens, m.sites, STORAGE[m.dtype].torch_dtype, self.stop, sink=writer.put)
+        writer.end()
         self.new_rows += tokens.numel()
         self.bar.update(tokens.numel())
         if time.monotonic() - self.last_report > PROGRESS_EVERY:
@@ -527,16 +531,22 @@ class _CacheJob:
 
 
 # ====================================================================== forward pass and rows
-def capture(model: "TransformerBridge", tokens: Tensor, sites: Sequence[str], dtype: torch.dtype, stop: int | None) -> dict[str, Tensor]:
+def capture(model: "TransformerBridge", tokens: Tensor, sites: Sequence[str], dtype: torch.dtype, stop: int | None,
+            sink: "Callable[[str, Tensor], None] | None" = None) -> dict[str, Tensor]:
     """{site: [batch, pos, *shape] activations as `dtype`} from one forward pass stopped after the deepest site.
 
-    Each hook copies its activation (converted to `dtype`) and leaves the forward pass unchanged.
+    Each hook copies its activation (converted to `dtype`) and leaves the forward pass unchanged. With `sink`,
+    each hook hands its activation to `sink(site, x)` instead (which must copy what it keeps) and nothing is returned:
+    the cache job's writer copies it straight into its staging buffers while it is still in the CPU's caches.
     """
     captured: dict[str, Tensor] = {}
 
     def hook_for(site: str):
         def hook(x, hook):
-            captured[site] = x.detach().to(dtype, copy=True, memory_format=torch.contiguous_format)
+            if sink is not None:
+                sink(site, x.detach())
+            else:
+                captured[site] = x.detach().to(dtype, copy=True, memory_format=torch.contiguous_format)
 
         return hook
 
@@ -545,32 +555,18 @@ def capture(model: "TransformerBridge", tokens: Tensor, sites: Sequence[str], dt
     return captured
 
 
-def check_finite(site: str, values: np.ndarray, first_seq: int, context: int, dtype: str) -> None:
+def check_finite(site: str, values: Tensor, first_seq: int, context: int, dtype: str) -> None:
     """Refuse NaN/inf activations, naming the site and the first offending (seq_id, pos) rows.
 
-    `values` is [rows, width] in storage form (float32, float16, or bfloat16 bits as uint16).
+    `values` is [rows, ...] in the storage dtype (float16 past ±65504 is already inf there).
     """
-    if dtype == "bfloat16":
-        bad = (values & 0x7F80) == 0x7F80  # exponent all ones: inf or NaN
-        if not bad.any():
-            return
-    else:
-        with np.errstate(invalid="ignore", over="ignore"):
-            if np.isfinite(values.sum(dtype=np.float32)):  # one pass: a NaN or inf anywhere makes the sum non-finite
-                return
-        bad = ~np.isfinite(values)  # (the sum can also overflow on finite values: look row by row)
-    rows = np.flatnonzero(bad.any(axis=1))
-    if len(rows) == 0:
+    bad = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+    rows = torch.nonzero(bad).reshape(-1).tolist()
+    if not rows:
         return
     where = ", ".join(f"(seq {first_seq + r // context}, pos {r % context})" for r in rows[:5])
     hint = " (float16 holds at most ±65504: use --dtype bfloat16 or float32)" if dtype == "float16" else ""
     raise WorkbenchError(f"refusing to cache NaN/inf activations at {site} in {len(rows)} row(s): {where}{' ...' if len(rows) > 5 else ''}{hint}")
-
-
-def storage_values(x: Tensor, dtype: str) -> np.ndarray:
-    """[rows, width] numpy view of a CPU tensor already in the storage dtype (bfloat16 as its raw uint16 bits)."""
-    flat = x.reshape(x.shape[0] * x.shape[1], -1)
-    return flat.numpy() if dtype != "bfloat16" else flat.view(torch.int16).numpy().view(np.uint16)
 
 
 def _constant_column(value: str, rows: int) -> "pa.DictionaryArray":
@@ -608,25 +604,63 @@ def npy_header(dtype: np.dtype, rows: int, width: int) -> bytes:
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
 
 
-class SiteFile:
-    """Appends raw rows to one new site file, bypassing the page cache (`O_DIRECT`) where the filesystem allows.
+class Stage:
+    """A page-aligned staging buffer (an anonymous `mmap`), with byte views for numpy and torch."""
 
-    Why: on this project's virtual machines a buffered write of a page-cache page the guest has not touched
-    before costs about 2.5 ms of kernel time per MB, and even reused pages cost a copy plus writeback, all on the
-    cores the forward pass needs (measured: 786 MB written buffered took 1.97 s of system time the first time and
-    0.18 s plus a 0.33 s fsync after; with `O_DIRECT`, 0.02 s of system time and nothing left to sync).
-    Direct writes need a page-aligned buffer, file offset and length, so rows are copied into one reused
-    page-aligned staging buffer (`mmap`) that is written whenever it fills, whole pages at a time; the last
-    partial page is padded and the file truncated back to its true length. Where `O_DIRECT` is refused (tmpfs,
-    some network filesystems) the same writes go through the page cache. The first `NPY_HEADER_BYTES` are
-    zeros until `finish` writes the header there.
+    def __init__(self, size: int):
+        self.size = size
+        self.buffer = mmap.mmap(-1, size)
+        self.numpy = np.frombuffer(self.buffer, dtype=np.uint8)
+        self.torch = torch.from_numpy(self.numpy)
+
+
+class StagePool:
+    """The staging buffers of one cache job, shared by its segments' site files and reused all job long (a buffer
+    the process has touched once costs nothing more; fresh anonymous pages cost a fault each, and on this project's
+    virtual machines the host's backing of them too). `take` waits for a buffer a writer thread gives back."""
+
+    def __init__(self, count: int, size: int):
+        self.size = size
+        self.free: queue.Queue = queue.LifoQueue()  # the buffer given back last is the likeliest still in the caches
+        for _ in range(count):
+            self.free.put(Stage(size))
+
+    def take(self, check: "Callable[[], None]") -> Stage:
+        while True:
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                check()  # a writer thread that failed gives its buffers back, but say why at once
+
+    def give(self, stage: Stage) -> None:
+        self.free.put(stage)
+
+
+STAGE_BYTES = 4 * 2**20
+STAGES_PER_SITE = 3  # one being filled, one being written, one spare
+
+
+class SiteFile:
+    """One new site file: rows are copied into page-aligned staging buffers (in the thread that calls `put`), and
+    each full buffer is written by the segment's writer thread with `O_DIRECT`, bypassing the page cache, where the
+    filesystem allows.
+
+    Why: on this project's virtual machines a buffered write to a page-cache page the guest has not touched before
+    costs about 2.5 ms of kernel time per MB, and even reused pages cost a copy plus writeback, all on the cores the
+    forward pass needs (measured: 786 MB written buffered took 1.97 s of system time the first time and 0.18 s plus a
+    0.33 s fsync after; with `O_DIRECT`, 0.02 s of system time and nothing left to sync). Direct writes need a
+    page-aligned buffer, file offset and length: buffers are whole pages and written whole, the file's first
+    `NPY_HEADER_BYTES` (one page) are zeros until `finish` writes the header there, and the last partial page is
+    padded and the file truncated back to its true length. Where `O_DIRECT` is refused (at open or at a write: some
+    network filesystems) the same writes go through the page cache.
+
+    `put` also sums the chunk checksums and tests finiteness on the staged bytes, while they are in the CPU's caches.
     """
 
     ALIGN = 4096  # a page: covers 512-byte and 4096-byte logical blocks
-    STAGE = 4 * 2**20
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, pool: StagePool, storage: "Storage", checksums: RunningChecksums, submit):
+        self.path, self.pool, self.storage, self.checksums, self.submit = path, pool, storage, checksums, submit
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         direct = getattr(os, "O_DIRECT", 0)
         try:
@@ -636,51 +670,70 @@ class SiteFile:
             if e.errno != errno.EINVAL:
                 raise
             self.fd, self.direct = os.open(path, flags), False
-        self.stage = mmap.mmap(-1, self.STAGE)
-        self.view = np.frombuffer(self.stage, dtype=np.uint8)
-        self.fill = NPY_HEADER_BYTES  # bytes of the stage in use (the header's placeholder first)
-        self.offset = 0  # the file offset of the stage's first byte (always page-aligned)
+        self.stage: Stage | None = None
+        self.fill = NPY_HEADER_BYTES  # bytes of the current stage in use (the header's placeholder first)
+        self.offset = 0  # the file offset of the current stage's first byte (always page-aligned)
 
-    def write(self, raw: np.ndarray) -> None:
-        data = raw.reshape(-1).view(np.uint8)
-        while len(data):
-            n = min(len(data), self.STAGE - self.fill)
-            self.view[self.fill:self.fill + n] = data[:n]
-            self.fill += n
-            data = data[n:]
-            if self.fill == self.STAGE:
-                self._flush()
+    def put(self, x: Tensor, check) -> bool:
+        """Stage `x` (any shape, any device; converted to the storage dtype) after the rows before; False if a value
+        is not finite (the caller finds which). `check()` raises a writer thread's error while waiting for a buffer."""
+        flat = x.reshape(-1)
+        item = self.storage.itemsize
+        finite, done = True, 0
+        while done < len(flat):
+            if self.stage is None:
+                self.stage = self.pool.take(check)
+                if self.offset == 0:
+                    self.stage.torch[:NPY_HEADER_BYTES] = 0
+            n = min(len(flat) - done, (self.stage.size - self.fill) // item)
+            staged = self.stage.torch[self.fill:self.fill + n * item].view(self.storage.torch_dtype)
+            staged.copy_(flat[done:done + n])
+            finite = finite and bool(torch.isfinite(staged.sum(dtype=torch.float32)))  # a NaN or inf makes it non-finite
+            self.checksums.add_bytes(self.stage.numpy[self.fill:self.fill + n * item])
+            self.fill += n * item
+            done += n
+            if self.fill == self.stage.size:
+                self.submit(("write", self, self.stage, self.fill, self.offset))
+                self.stage, self.offset, self.fill = None, self.offset + self.fill, 0
+        return finite
+
+    def write(self, stage: Stage, length: int, offset: int) -> None:
+        """(writer thread) Write `length` bytes of `stage` at `offset`, then give the buffer back."""
+        try:
+            self._pwrite(memoryview(stage.buffer)[:length], offset)
+        finally:
+            self.pool.give(stage)
 
     def finish(self, header: bytes) -> None:
-        """Write what is staged, truncate to the true length, write the header over the placeholder, fsync, close."""
+        """(writer thread, after every `write`) Write what is staged, truncate to the true length, write the header
+        over the placeholder, fsync, close."""
         size = self.offset + self.fill
+        stage, self.stage = self.stage, None
+        if stage is None:
+            stage = self.pool.take(lambda: None)
+            if self.offset == 0:
+                stage.torch[:NPY_HEADER_BYTES] = 0
         pad = -self.fill % self.ALIGN
-        self.view[self.fill:self.fill + pad] = 0
-        self.fill += pad
-        self._flush()
-        os.ftruncate(self.fd, size)
-        self.view[:self.ALIGN] = 0
-        self.view[:len(header)] = np.frombuffer(header, dtype=np.uint8)
-        self._pwrite(memoryview(self.stage)[:self.ALIGN], 0)
-        os.fsync(self.fd)
+        stage.torch[self.fill:self.fill + pad] = 0
+        head = None
+        try:
+            self._pwrite(memoryview(stage.buffer)[:self.fill + pad], self.offset)
+            os.ftruncate(self.fd, size)
+            head = Stage(self.ALIGN)
+            head.numpy[:len(header)] = np.frombuffer(header, dtype=np.uint8)
+            self._pwrite(memoryview(head.buffer), 0)
+            os.fsync(self.fd)
+        finally:
+            self.pool.give(stage)
         self.close()
 
     def close(self) -> None:
+        if self.stage is not None:
+            stage, self.stage = self.stage, None
+            self.pool.give(stage)
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
-        if not self.stage.closed:
-            del self.view
-            self.stage.close()
-
-    def _flush(self) -> None:
-        whole = self.fill // self.ALIGN * self.ALIGN
-        if whole:
-            self._pwrite(memoryview(self.stage)[:whole], self.offset)
-            self.offset += whole
-            rest = self.fill - whole
-            self.view[:rest] = self.view[whole:self.fill]  # under a page, moved to the front (no overlap)
-            self.fill = rest
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
         while len(data):
@@ -705,20 +758,24 @@ class SiteFile:
 
 
 class SegmentWriter:
-    """Writes one segment from a background thread: checks, converts and appends row batches to the raw site
-    files of a private temporary directory, then (on `finish`) writes the headers, checksums, token table and
-    description, fsyncs and renames the directory into place.
+    """Writes one segment: a batch's activations are staged as the forward pass produces them (`begin`, `put` from
+    the capture hooks, `end`; or `append` with whole tensors), and a background thread writes the full staging
+    buffers to the raw site files of a private temporary directory, then (on `finish`) writes the headers,
+    checksums, token table and description, fsyncs and renames the directory into place.
 
-    numpy and file writes release the GIL, so this work overlaps the next forward pass, and
-    publishing a segment overlaps computing the next one. The queue holds at most two batches
-    (bounded memory). An interrupted segment leaves only a temporary directory, which the next
-    job deletes.
+    Staging is one copy per value, done where the value is hot in the CPU's caches, and tests finiteness and sums
+    the checksums on the way; file writes release the GIL, so the thread's writing overlaps the forward pass, and
+    publishing a segment overlaps computing the next one. Memory is bounded by the job's staging buffers. An
+    interrupted segment leaves only a temporary directory, which the next job deletes.
     """
 
-    def __init__(self, directory: Path, first: int, manifest: RunManifest, registry: list | None = None):
+    def __init__(self, directory: Path, first: int, manifest: RunManifest, registry: list | None = None,
+                 pool: StagePool | None = None):
         self.tmp = directory / f".seg-{first:09d}.{uuid.uuid4().hex[:8]}.tmp"
         self.finishing = False  # set once `finish` has queued the publishing and the end of the queue
         self.manifest = manifest
+        self.storage = STORAGE[manifest.dtype]
+        self.pool = pool or StagePool(STAGES_PER_SITE * len(manifest.sites), STAGE_BYTES)
         # The segment's token ids, for its token table and shard: one buffer for the whole segment (its pages are
         # touched only as rows arrive), not a small tensor kept per batch. Those stayed alive for the whole segment
         # between the forward pass's large temporaries and fragmented the heap, so the job's memory crept up with
@@ -727,17 +784,20 @@ class SegmentWriter:
         self.token_ids = np.empty((manifest.segment_sequences, manifest.context), dtype=np.int32)
         self.rows = 0
         self.error: BaseException | None = None
-        self.files = {}
-        itemsize = STORAGE[manifest.dtype].itemsize
+        self.files: dict[str, SiteFile] = {}
+        self.batch: tuple[int, Tensor] | None = None  # (first_seq, tokens) of the batch being staged
+        self.finite: dict[str, bool] = {}
+        self.queue: queue.Queue = queue.Queue()
+        itemsize = self.storage.itemsize
         self.checksums = {site: RunningChecksums(manifest.width(site) * itemsize) for site in manifest.sites}
         try:
             self.tmp.mkdir()
             for site in manifest.sites:
-                self.files[site] = SiteFile(site_file(self.tmp, site))
+                self.files[site] = SiteFile(site_file(self.tmp, site), self.pool, self.storage, self.checksums[site],
+                                            self.queue.put)
         except BaseException as e:
             self._remove_files()
             raise _disk_error(e, f"segment {self.tmp.name}") or e
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.done = threading.Event()  # set by the thread on its way out (see `wait`)
         self.thread = threading.Thread(target=self._work, name="segment-writer", daemon=True)
         if registry is not None:
@@ -745,13 +805,43 @@ class SegmentWriter:
         self.thread.start()
 
     def append(self, first_seq: int, tokens: Tensor, acts: dict[str, Tensor]) -> None:
-        """Queue one batch: `tokens` [batch, pos] and, per site, CPU activations [batch, pos, ...] in the storage dtype."""
+        """Stage one batch: `tokens` [batch, pos] and, per site, activations [batch, pos, ...] (any dtype, any device)."""
+        self.begin(first_seq, tokens)
+        for site in self.manifest.sites:
+            self.put(site, acts[site])
+        self.end()
+
+    def begin(self, first_seq: int, tokens: Tensor) -> None:
+        """Start a batch of sequences `first_seq ...` with token ids `tokens` [batch, pos]; `put` its sites, then `end`."""
         self._raise_error()
         at = first_seq - self.first
         if not 0 <= at <= len(self.token_ids) - len(tokens):
             raise WorkbenchError(f"sequences {first_seq}..{first_seq + len(tokens)} fall outside the segment starting at {self.first}")
+        self.batch = (first_seq, tokens)
+        self.finite = {}
+
+    def put(self, site: str, x: Tensor) -> None:
+        """Stage the activations [batch, pos, ...] of `site` for the current batch (the capture hooks call this)."""
+        if self.batch is None or site in self.finite:
+            raise WorkbenchError(f"{site}: activations arrived outside a batch, or twice in one")
+        first_seq, tokens = self.batch
+        if x.shape[:2] != tokens.shape:
+            raise WorkbenchError(f"{site}: activations of shape {list(x.shape)} for {list(tokens.shape)} tokens")
+        self.finite[site] = self.files[site].put(x, self._raise_error)
+        if not self.finite[site]:  # the sum says some value is not finite (or it overflowed): find the rows
+            check_finite(site, x.to(self.storage.torch_dtype).reshape(x.shape[0] * x.shape[1], -1), first_seq,
+                         self.manifest.context, self.manifest.dtype)
+
+    def end(self) -> None:
+        """Finish the current batch: every site must have been put."""
+        first_seq, tokens = self.batch
+        missing = [s for s in self.manifest.sites if s not in self.finite]
+        if missing:
+            raise WorkbenchError(f"no activations arrived for {', '.join(missing)} (is the site after stop_at_layer?)")
+        at = first_seq - self.first
         self.token_ids[at:at + len(tokens)] = tokens.numpy()
-        self.queue.put(("rows", first_seq, tokens, acts))
+        self.rows += tokens.numel()
+        self.batch = None
 
     def finish(self, final: Path, first: int, end: int, after) -> None:
         """Queue the publishing of this segment as `final`, then `after(table)` (its `tokens_table`); returns at once (see `wait`)."""
@@ -783,38 +873,27 @@ class SegmentWriter:
         try:
             while (item := self.queue.get()) is not None:
                 if self.error is not None:
-                    continue  # drain: the main thread will see the error
+                    if item[0] == "write":
+                        self.pool.give(item[2])  # drain, giving the buffers back: the main thread will see the error
+                    continue
                 try:
-                    if item[0] == "rows":
-                        self._append(*item[1:])
+                    if item[0] == "write":
+                        item[1].write(*item[2:])
                     else:
                         self._publish(*item[1:])
-                except BaseException as e:  # handed to the main thread at its next append, finish or wait
+                except BaseException as e:  # handed to the main thread at its next put, finish or wait
                     self.error = e
         finally:
             self.done.set()
-
-    def _append(self, first_seq: int, tokens: Tensor, acts: dict[str, Tensor]) -> None:
-        m = self.manifest
-        values = {site: storage_values(acts[site], m.dtype) for site in m.sites}
-        for site in m.sites:
-            check_finite(site, values[site], first_seq, m.context, m.dtype)
-        for site in m.sites:
-            v = values[site]
-            raw = np.ascontiguousarray(v.view(np.uint16) if v.dtype == np.float16 else v)
-            self.checksums[site].add(raw)
-            self.files[site].write(raw)
-        self.rows += tokens.numel()
 
     def _publish(self, final: Path, first: int, end: int, after) -> None:
         import duckdb
 
         m = self.manifest
-        storage = STORAGE[m.dtype]
         try:
             sites = {}
             for site, f in self.files.items():
-                f.finish(npy_header(np.dtype(storage.numpy_dtype), self.rows, m.width(site)))
+                f.finish(npy_header(np.dtype(self.storage.numpy_dtype), self.rows, m.width(site)))
                 sites[site] = {"shape": list(m.shapes[site]), "width": m.width(site), "checksums": self.checksums[site].finish()}
             table = tokens_table(first, self.token_ids[:end - first])
             con = duckdb.connect(str(self.tmp / "tokens.duckdb"), config={"threads": 1})

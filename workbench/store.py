@@ -534,35 +534,39 @@ def chunk_checksums(array: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> list[int
 class RunningChecksums:
     """`chunk_checksums` of rows appended batch by batch (it is also how `chunk_checksums` computes them).
 
-    The cache job's writer feeds it each batch it writes, so a segment's checksums cost
-    no second pass over the finished file. Batches may end anywhere inside a chunk and
-    rows need not be a multiple of 8 bytes: the bytes of a word split between two
-    batches are carried over.
+    The cache job's writer feeds it the bytes it stages, so a segment's checksums cost
+    no second pass over the finished file. Pieces may end anywhere, inside a chunk, a
+    row or an 8-byte word: the bytes of a word split between two pieces are carried over.
     """
 
     def __init__(self, row_bytes: int, chunk_rows: int = CHUNK_ROWS):
         self.row_bytes, self.chunk_rows = row_bytes, chunk_rows
+        self.chunk_bytes = row_bytes * chunk_rows
         self.sums: list[int] = []
         self.total = 0  # running sum of the current chunk's whole words
-        self.rows = 0  # rows of the current chunk so far
+        self.filled = 0  # bytes of the current chunk so far
         self.carry = b""  # the current chunk's trailing bytes that do not fill a word yet
 
     def add(self, array: np.ndarray) -> None:
-        """Account for `array` [rows, ...] (C-contiguous, in its stored form) appended after the previous ones."""
-        raw = array.reshape(-1).view(np.uint8)
+        """Account for `array` [rows, ...] (in its stored form) appended after the previous ones."""
+        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
         if len(raw) != len(array) * self.row_bytes:
             raise ValueError(f"rows of {len(raw) // max(1, len(array))} bytes, expected {self.row_bytes}")
-        done = 0
-        while done < len(array):
-            take = min(len(array) - done, self.chunk_rows - self.rows)
-            self._add_bytes(raw[done * self.row_bytes:(done + take) * self.row_bytes])
-            done, self.rows = done + take, self.rows + take
-            if self.rows == self.chunk_rows:
+        self.add_bytes(raw)
+
+    def add_bytes(self, raw: np.ndarray) -> None:
+        """Account for the raw bytes `raw` (uint8) appended after the previous ones."""
+        while len(raw):
+            take = min(len(raw), self.chunk_bytes - self.filled)
+            self._add_bytes(raw[:take])
+            self.filled += take
+            raw = raw[take:]
+            if self.filled == self.chunk_bytes:
                 self._close_chunk()
 
     def finish(self) -> list[int]:
         """The checksum of every chunk, the last one partial."""
-        if self.rows:
+        if self.filled:
             self._close_chunk()
         return self.sums
 
@@ -584,7 +588,7 @@ class RunningChecksums:
         if self.carry:
             self.total += int.from_bytes(self.carry + bytes(8 - len(self.carry)), "little")
         self.sums.append(self.total % 2**64)
-        self.total, self.rows, self.carry = 0, 0, b""
+        self.total, self.filled, self.carry = 0, 0, b""
 
 
 @contextlib.contextmanager
