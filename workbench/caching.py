@@ -20,10 +20,12 @@ What one cache job does (the layout and the reading side are in `workbench.store
    already published (checking that the last of them still tokenizes the same),
    and fill each missing range segment by segment: a forward pass per batch of
    sequences with one capture hook per site and `stop_at_layer` past the deepest
-   site; refuse non-finite values (naming the site and rows); convert to the
-   storage dtype; hand the rows to a writer thread that appends them to the
-   segment's raw site files in a private temporary directory, overlapping the next
-   forward pass and summing their chunk checksums as it goes (no second pass).
+   site. Each hook copies its activation, converted to the storage dtype, into the
+   job's page-aligned staging buffers while it is still in the CPU's caches,
+   refuses non-finite values (naming the site and rows) and sums the chunk
+   checksums on the way (no second pass); a writer thread writes each full buffer
+   to the segment's raw site files in a private temporary directory with O_DIRECT
+   (no page-cache copy), overlapping the forward pass.
    A full segment gets its headers, checksums, token table and
    description, is fsynced and renamed into place (while the next segment is being
    computed); then its token shard, the catalog shard and the progress JSON follow.
@@ -531,15 +533,26 @@ class _CacheJob:
 
 
 # ====================================================================== forward pass and rows
+class _AllCaptured(Exception):
+    """Raised by the last capture hook of a forward pass: nothing after it is needed."""
+
+
 def capture(model: "TransformerBridge", tokens: Tensor, sites: Sequence[str], dtype: torch.dtype, stop: int | None,
             sink: "Callable[[str, Tensor], None] | None" = None) -> dict[str, Tensor]:
-    """{site: [batch, pos, *shape] activations as `dtype`} from one forward pass stopped after the deepest site.
+    """{site: [batch, pos, *shape] activations as `dtype`} from one forward pass that ends at the last site's hook.
 
     Each hook copies its activation (converted to `dtype`) and leaves the forward pass unchanged. With `sink`,
     each hook hands its activation to `sink(site, x)` instead (which must copy what it keeps) and nothing is returned:
     the cache job's writer copies it straight into its staging buffers while it is still in the CPU's caches.
+
+    The pass ends as soon as every site has been captured (the last hook raises, as TransformerLens's own
+    `stop_at_layer` does from a block): `stop_at_layer` cannot stop before the final layer norm and unembedding
+    when a site is in the last block, and computing logits nobody reads cost a `[batch, pos, d_vocab]` tensor per
+    batch (54 MB at batch 64 for a tiny model of 1647 tokens; far more for a real vocabulary). `stop` is still
+    passed, for a model whose hooks would not fire in the order of the layers.
     """
     captured: dict[str, Tensor] = {}
+    waiting = set(sites)
 
     def hook_for(site: str):
         def hook(x, hook):
@@ -547,11 +560,17 @@ def capture(model: "TransformerBridge", tokens: Tensor, sites: Sequence[str], dt
                 sink(site, x.detach())
             else:
                 captured[site] = x.detach().to(dtype, copy=True, memory_format=torch.contiguous_format)
+            waiting.discard(site)
+            if not waiting:
+                raise _AllCaptured
 
         return hook
 
     with torch.no_grad():
-        model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=[(s, hook_for(s)) for s in sites], stop_at_layer=stop)
+        try:
+            model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=[(s, hook_for(s)) for s in sites], stop_at_layer=stop)
+        except _AllCaptured:
+            pass
     return captured
 
 
