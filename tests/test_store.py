@@ -376,3 +376,29 @@ def test_segment_writer_writes_exactly_the_rows_it_is_given(tmp_path, monkeypatc
     finally:
         if where == "shm":
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_capture_ends_the_forward_pass_at_the_last_site(tiny_model):
+    """With a site in the last block `stop_at_layer` cannot stop early, so the capture hooks end the pass: the
+    unembedding never runs, and the values equal `run_with_cache`'s (the oracle), with and without a sink."""
+    from workbench.caching import capture
+    from workbench.model import stop_layer
+
+    sites = ["blocks.1.hook_mlp_out", "blocks.0.attn.hook_z"]
+    tokens = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(0))
+    calls = []
+    handle = tiny_model.unembed.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        stop = stop_layer(tiny_model, sites)
+        assert stop is None  # the last block: nothing for stop_at_layer to cut
+        got = capture(tiny_model, tokens, sites, torch.float32, stop)
+        sunk = {}
+        capture(tiny_model, tokens, sites, torch.float32, stop, sink=lambda site, x: sunk.__setitem__(site, x.clone()))
+        assert not calls
+        with torch.no_grad():
+            _, cache = tiny_model.run_with_cache(tokens, names_filter=lambda name: name in sites)
+        assert calls  # the oracle's full pass does reach it
+    finally:
+        handle.remove()
+    for site in sites:
+        assert torch.equal(got[site], cache[site]) and torch.equal(sunk[site], cache[site]), site
