@@ -402,3 +402,16 @@ def test_capture_ends_the_forward_pass_at_the_last_site(tiny_model):
         handle.remove()
     for site in sites:
         assert torch.equal(got[site], cache[site]) and torch.equal(sunk[site], cache[site]), site
+
+
+def test_staging_memory_is_bounded_whatever_the_number_of_sites():
+    """A job's staging buffers: whole pages, at most 4 MiB each and 64 MiB in all, three or four per site."""
+    from workbench.caching import STAGE_BUDGET, STAGE_BYTES, SiteFile, stage_pool
+
+    for sites in (1, 3, 7, 48, 200):
+        for extra in (0, 1):
+            pool = stage_pool(sites, extra)
+            count = pool.free.qsize()
+            assert count == (3 + extra) * sites
+            assert pool.size % SiteFile.ALIGN == 0 and 16 * SiteFile.ALIGN <= pool.size <= STAGE_BYTES
+            assert count * pool.size <= STAGE_BUDGET or pool.size == 16 * SiteFile.ALIGN

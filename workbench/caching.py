@@ -363,7 +363,7 @@ class _CacheJob:
         publishing: SegmentWriter | None = None
         batch: list[list[int]] = []
         # a segment filling and one publishing (which gives its buffers back as it writes them) share these
-        self.stages = StagePool((STAGES_PER_SITE + 1) * len(self.manifest.sites), STAGE_BYTES)
+        self.stages = stage_pool(len(self.manifest.sites), extra=1)
         try:
             for piece, i, row in self._wanted_rows(pieces, check):
                 writer = writer or SegmentWriter(self.directory, piece[0], self.manifest, self.writers, self.stages)
@@ -655,8 +655,17 @@ class StagePool:
         self.free.put(stage)
 
 
-STAGE_BYTES = 4 * 2**20
+STAGE_BYTES = 4 * 2**20  # the most a staging buffer holds
+STAGE_BUDGET = 64 * 2**20  # all of a job's staging buffers together, however many sites it caches
 STAGES_PER_SITE = 3  # one being filled, one being written, one spare
+
+
+def stage_pool(sites: int, extra: int = 0) -> StagePool:
+    """`STAGES_PER_SITE + extra` staging buffers per site, of at most `STAGE_BYTES` each and `STAGE_BUDGET` in all
+    (whole pages; at least 16 of them)."""
+    count = (STAGES_PER_SITE + extra) * sites
+    size = min(STAGE_BYTES, max(16 * SiteFile.ALIGN, STAGE_BUDGET // count // SiteFile.ALIGN * SiteFile.ALIGN))
+    return StagePool(count, size)
 
 
 class SiteFile:
@@ -794,7 +803,7 @@ class SegmentWriter:
         self.finishing = False  # set once `finish` has queued the publishing and the end of the queue
         self.manifest = manifest
         self.storage = STORAGE[manifest.dtype]
-        self.pool = pool or StagePool(STAGES_PER_SITE * len(manifest.sites), STAGE_BYTES)
+        self.pool = pool or stage_pool(len(manifest.sites))
         # The segment's token ids, for its token table and shard: one buffer for the whole segment (its pages are
         # touched only as rows arrive), not a small tensor kept per batch. Those stayed alive for the whole segment
         # between the forward pass's large temporaries and fragmented the heap, so the job's memory crept up with
