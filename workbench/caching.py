@@ -736,20 +736,18 @@ class SiteFile:
         """(writer thread, after every `write`) Write what is staged, truncate to the true length, write the header
         over the placeholder, fsync, close."""
         size = self.offset + self.fill
-        stage, self.stage = self.stage, None
-        if stage is None:
+        staged, stage, self.stage = self.stage is not None, self.stage, None
+        if stage is None:  # nothing staged past the last full buffer (or only the header's placeholder): one for the header
             stage = self.pool.take(lambda: None)
-            if self.offset == 0:
-                stage.torch[:NPY_HEADER_BYTES] = 0
-        pad = -self.fill % self.ALIGN
-        stage.torch[self.fill:self.fill + pad] = 0
-        head = None
         try:
-            self._pwrite(memoryview(stage.buffer)[:self.fill + pad], self.offset)
+            if staged:
+                pad = -self.fill % self.ALIGN
+                stage.torch[self.fill:self.fill + pad] = 0
+                self._pwrite(memoryview(stage.buffer)[:self.fill + pad], self.offset)
             os.ftruncate(self.fd, size)
-            head = Stage(self.ALIGN)
-            head.numpy[:len(header)] = np.frombuffer(header, dtype=np.uint8)
-            self._pwrite(memoryview(head.buffer), 0)
+            stage.torch[:NPY_HEADER_BYTES] = 0  # the header's page, written from the same buffer
+            stage.numpy[:len(header)] = np.frombuffer(header, dtype=np.uint8)
+            self._pwrite(memoryview(stage.buffer)[:NPY_HEADER_BYTES], 0)
             os.fsync(self.fd)
         finally:
             self.pool.give(stage)
@@ -814,7 +812,7 @@ class SegmentWriter:
         self.error: BaseException | None = None
         self.files: dict[str, SiteFile] = {}
         self.batch: tuple[int, Tensor] | None = None  # (first_seq, tokens) of the batch being staged
-        self.finite: dict[str, bool] = {}
+        self.staged: set[str] = set()  # sites of the current batch already put
         self.queue: queue.Queue = queue.Queue()
         itemsize = self.storage.itemsize
         self.checksums = {site: RunningChecksums(manifest.width(site) * itemsize) for site in manifest.sites}
@@ -846,24 +844,24 @@ class SegmentWriter:
         if not 0 <= at <= len(self.token_ids) - len(tokens):
             raise WorkbenchError(f"sequences {first_seq}..{first_seq + len(tokens)} fall outside the segment starting at {self.first}")
         self.batch = (first_seq, tokens)
-        self.finite = {}
+        self.staged = set()
 
     def put(self, site: str, x: Tensor) -> None:
         """Stage the activations [batch, pos, ...] of `site` for the current batch (the capture hooks call this)."""
-        if self.batch is None or site in self.finite:
+        if self.batch is None or site in self.staged:
             raise WorkbenchError(f"{site}: activations arrived outside a batch, or twice in one")
         first_seq, tokens = self.batch
         if x.shape[:2] != tokens.shape:
             raise WorkbenchError(f"{site}: activations of shape {list(x.shape)} for {list(tokens.shape)} tokens")
-        self.finite[site] = self.files[site].put(x, self._raise_error)
-        if not self.finite[site]:  # the sum says some value is not finite (or it overflowed): find the rows
-            check_finite(site, x.to(self.storage.torch_dtype).reshape(x.shape[0] * x.shape[1], -1), first_seq,
-                         self.manifest.context, self.manifest.dtype)
+        self.staged.add(site)
+        if not self.files[site].put(x, self._raise_error):  # the sum says some value is not finite (or it overflowed)
+            check_finite(site, x.to(self.storage.torch_dtype).flatten(0, 1), first_seq, self.manifest.context,
+                         self.manifest.dtype)
 
     def end(self) -> None:
         """Finish the current batch: every site must have been put."""
         first_seq, tokens = self.batch
-        missing = [s for s in self.manifest.sites if s not in self.finite]
+        missing = [s for s in self.manifest.sites if s not in self.staged]
         if missing:
             raise WorkbenchError(f"no activations arrived for {', '.join(missing)} (is the site after stop_at_layer?)")
         at = first_seq - self.first
