@@ -281,6 +281,25 @@ def naive_checksums(array: np.ndarray, chunk_rows: int) -> list[int]:
     return sums
 
 
+def test_running_checksums_of_large_pieces_at_odd_offsets():
+    """Pieces large enough to be summed by torch (at any byte offset, so their words are misaligned in memory and
+    split between pieces) give the documented sums, as the same bytes read-only (summed by numpy) do."""
+    from workbench.store import TORCH_SUM_BYTES, RunningChecksums
+
+    rng = np.random.default_rng(7)
+    array = rng.integers(0, 2**32, size=(700, 301), dtype=np.uint32)  # rows of 1204 bytes: not whole words
+    raw = array.reshape(-1).view(np.uint8)
+    frozen = raw.copy()
+    frozen.flags.writeable = False
+    for source in (raw, frozen):
+        sums, start = RunningChecksums(array.strides[0], 97), 0
+        while start < len(source):
+            step = int(rng.integers(TORCH_SUM_BYTES, 3 * TORCH_SUM_BYTES)) + int(rng.integers(0, 8))
+            sums.add_bytes(source[start:start + step])
+            start += step
+        assert sums.finish() == naive_checksums(array, 97)
+
+
 @pytest.mark.parametrize("dtype,width", [(np.float32, 7), (np.float32, 128), (np.uint16, 3), (np.uint16, 1)])
 def test_running_checksums_equal_a_pass_over_the_whole_file(dtype, width):
     """The writer's checksums, fed batch by batch (batches ending inside chunks and inside 8-byte words) or in byte

@@ -531,6 +531,9 @@ def chunk_checksums(array: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> list[int
     return running.finish()
 
 
+TORCH_SUM_BYTES = 64 * 1024  # pieces at least this large are summed by torch (below, its call costs more than it saves)
+
+
 class RunningChecksums:
     """`chunk_checksums` of rows appended batch by batch (it is also how `chunk_checksums` computes them).
 
@@ -580,7 +583,11 @@ class RunningChecksums:
             self.total += int.from_bytes(self.carry, "little")
             self.carry = b""
         whole = len(raw) // 8 * 8
-        if whole:
+        if whole >= TORCH_SUM_BYTES and raw.flags.writeable:
+            # torch's int64 sum wraps like the uint64 one and runs on every intra-op thread: 2.5x numpy's speed on
+            # two cores, for the cache job's staged bytes (read-only maps, as when verifying, take numpy's)
+            self.total += int(torch.from_numpy(raw[:whole]).view(torch.int64).sum()) % 2**64
+        elif whole:
             self.total += int(raw[:whole].view("<u8").sum(dtype=np.uint64))
         self.carry = bytes(raw[whole:])
 
