@@ -155,20 +155,30 @@ def test_reader_open_during_a_write(tmp_path, model_dirs, tiny_model, corpus):
     assert all(torch.equal(acts, final[:len(acts)]) for _, acts in seen)
 
 
-def test_disk_full_keeps_earlier_data_and_resumes(tmp_path, model_dirs, tiny_model, corpus):
-    """A real file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as on a full disk) on this process."""
+@pytest.mark.parametrize("full_at", ["site file", "token table"])
+def test_disk_full_keeps_earlier_data_and_resumes(tmp_path, model_dirs, tiny_model, corpus, full_at):
+    """A real file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as on a full disk) on this process,
+    reached while a new segment's site files are written, or after them, while its DuckDB token table is."""
     ws = tmp_path / "ws"
     code, err = run_in_process(argv(ws, model_dirs["gpt2"], corpus, 8, segment_sequences=2))
     assert code == 0, err
     store = ActivationStore(ws)
     before = scan_all(store, tiny_model, SITES[1])
     files = {p: p.read_bytes() for p in run_dir(ws).rglob("*") if p.is_file()}
-    # extend the run with the limit below one site file of a segment: the first new segment cannot be written
-    assert all(p.stat().st_size > 4096 for p in run_dir(ws).rglob("*.npy"))
-    with file_size_limit(4096):
+    # extend the run with the limit above every file the job writes before a segment's (the catalog and token
+    # mirrors, the progress file) and below one site file, or above the site files and below a token table: the
+    # first new segment cannot be written
+    mirrors = max(p.stat().st_size for p in ws.rglob("*") if p.is_file() and run_dir(ws) not in p.parents)
+    npy = [p.stat().st_size for p in run_dir(ws).rglob("*.npy")]
+    duck = min(p.stat().st_size for p in run_dir(ws).rglob("tokens.duckdb"))
+    limit = (mirrors + min(npy)) // 2 if full_at == "site file" else (max(npy) + duck) // 2
+    assert mirrors < limit < (min(npy) if full_at == "site file" else duck), (mirrors, npy, duck)
+    with file_size_limit(limit):
         code, err = run_in_process(argv(ws, model_dirs["gpt2"], corpus, 24, segment_sequences=2))
     last = err.strip().splitlines()[-1]
     assert code == 1 and last.startswith("error: disk full") and "re-run" in last, err[-2000:]
+    assert "while writing segment seg-000000008-000000010" in last, last  # the new segment's files, not a mirror
+    assert last.count("disk full") == 1 and last.count("re-run") == 1, last  # said once, not wrapped twice
     assert all(p.read_bytes() == data for p, data in files.items() if p.name != "run.json")
     assert not list(run_dir(ws).glob(".seg-*"))
     after = scan_all(store, tiny_model, SITES[1])

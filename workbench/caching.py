@@ -1063,7 +1063,10 @@ def _is_interrupt(e: BaseException) -> bool:
 
 
 def _disk_error(e: BaseException, what: str) -> WorkbenchError | None:
-    """A one-line WorkbenchError when `e` is the disk filling up (or a file-size limit), else None."""
+    """A one-line WorkbenchError when `e` is the disk filling up (or a file-size limit), else None (also when `e` is
+    one already: a writer thread's error is worded there and raised again in the main thread)."""
+    if isinstance(e, WorkbenchError):
+        return None
     text = str(e)
     codes = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
     if (isinstance(e, OSError) and e.errno in codes) or any(s in text for s in ("No space left", "File too large", "Disk quota")):
