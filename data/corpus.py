@@ -119,10 +119,12 @@ def hub_documents(name: str, split: str = "train", text_field: str = "text", con
         yield row[text_field]
 
 
-def token_chunks(tokenizer, docs: Iterable[str], context: int, bos_id: int | None = None, eos_id: int | None = None) -> Iterator[list[int]]:
+def token_chunks(tokenizer, docs: Iterable[str], context: int, bos_id: int | None = None, eos_id: int | None = None,
+                 limit: int | None = None) -> Iterator[list[int]]:
     """Rows of exactly `context` token ids: BOS followed by `context - 1` tokens of the document stream.
 
-    A tokenizer with no BOS token gets rows of `context` stream tokens with no prefix.
+    A tokenizer with no BOS token gets rows of `context` stream tokens with no prefix. With `limit`, at most that
+    many rows (the same first rows), and the tokenizer is not run far past the last of them (see `encoded_documents`).
     """
     if context < 2:
         raise DataError(f"context must be at least 2 tokens, got {context}")
@@ -130,8 +132,11 @@ def token_chunks(tokenizer, docs: Iterable[str], context: int, bos_id: int | Non
     eos = tokenizer.eos_token_id if eos_id is None else eos_id
     prefix = [] if bos is None else [bos]
     body = context - len(prefix)
+    if limit is not None and limit <= 0:
+        return
     buffer: list[int] = []
-    for ids in encoded_documents(tokenizer, docs):
+    rows = 0
+    for ids in encoded_documents(tokenizer, docs, None if limit is None else limit * body):
         buffer.extend(ids)
         if eos is not None:
             buffer.append(eos)
@@ -139,13 +144,16 @@ def token_chunks(tokenizer, docs: Iterable[str], context: int, bos_id: int | Non
         while len(buffer) - start >= body:
             yield prefix + buffer[start:start + body]
             start += body
+            rows += 1
+            if rows == limit:
+                return
         del buffer[:start]
 
 
 GROUP_CHARS = 256 * 1024  # characters of documents encoded in one call of a fast tokenizer's backend
 
 
-def encoded_documents(tokenizer, docs: Iterable[str]) -> Iterator[list[int]]:
+def encoded_documents(tokenizer, docs: Iterable[str], tokens: int | None = None) -> Iterator[list[int]]:
     """The token ids of each document, no special tokens added: `tokenizer(doc, add_special_tokens=False)["input_ids"]`.
 
     A fast (Rust) tokenizer gets documents in groups of about `GROUP_CHARS` characters, encoded by one call of its
@@ -155,6 +163,11 @@ def encoded_documents(tokenizer, docs: Iterable[str]) -> Iterator[list[int]]:
     are idle. The call `tokenizer(...)` would make sets the backend up first (no truncation or padding, special
     tokens in the text matched as special tokens), so the ids are the same; a tokenizer whose backend still
     truncates or pads, or a slow tokenizer, is called per document.
+
+    `tokens`, when given, is about how many tokens the caller will take (a hint; the ids never depend on it): a
+    group is then cut short once its characters, at the characters per token seen so far, hold what is still
+    wanted, so the last group does not tokenize far past the end (a whole group of 256k characters is about 70k
+    tokens of the reference corpus, more than a small job wants in all).
     """
     backend = _fast_backend(tokenizer)
     if backend is None:
@@ -163,14 +176,32 @@ def encoded_documents(tokenizer, docs: Iterable[str]) -> Iterator[list[int]]:
         return
     group: list[str] = []
     size = 0
+    chars = produced = 0  # characters encoded so far, and the tokens they gave
+    # with a budget, a small first group measures the characters per token (and is all a tiny job needs)
+    target = GROUP_CHARS if tokens is None else FIRST_GROUP_CHARS
     for doc in docs:
         group.append(doc)
         size += len(doc)
-        if size >= GROUP_CHARS:
-            yield from (e.ids for e in backend.encode_batch_fast(group, add_special_tokens=False))
+        if size >= target:
+            encoded = [e.ids for e in backend.encode_batch_fast(group, add_special_tokens=False)]
+            chars, produced = chars + size, produced + sum(map(len, encoded))
+            yield from encoded
             group, size = [], 0
+            target = _group_target(tokens, chars, produced)
     if group:
         yield from (e.ids for e in backend.encode_batch_fast(group, add_special_tokens=False))
+
+
+FIRST_GROUP_CHARS = 16 * 1024  # with a token budget: the first group's characters, and the smallest group
+
+
+def _group_target(tokens: int | None, chars: int, produced: int) -> int:
+    """Characters for the next group: `GROUP_CHARS`, or fewer when about `tokens` are wanted in all and `produced`
+    tokens (from `chars` characters) are out already (with a tenth more, so the end is rarely one group short)."""
+    if tokens is None or produced == 0:
+        return GROUP_CHARS
+    wanted = max(0, tokens - produced)
+    return max(FIRST_GROUP_CHARS, min(GROUP_CHARS, int(wanted * chars / produced * 1.1)))
 
 
 def _fast_backend(tokenizer):

@@ -86,6 +86,45 @@ def test_grouped_fast_encoding_gives_the_ids_of_one_call_per_document(tokenizer,
         tokenizer.backend_tokenizer.no_truncation()
 
 
+def test_token_chunks_with_a_limit_give_the_same_rows_and_tokenize_little_past_them(tokenizer, monkeypatch):
+    """`limit` keeps the first rows exactly (the ids never depend on how documents are grouped) and stops the
+    tokenizer soon after the last of them: the characters sent to the backend, counted at the backend, are those
+    the rows needed plus at most a tenth and one document, where without the limit a whole group goes past them."""
+    import itertools
+
+    import data.corpus as corpus
+
+    docs = list(itertools.islice(documents("reference", "train"), 400))
+    everything = list(token_chunks(tokenizer, docs, 64))
+    assert len(everything) > 2000
+
+    sent = []
+    backend = corpus._fast_backend(tokenizer)
+
+    class Counting:  # the real backend, counting the characters of every group it encodes
+        truncation = padding = None
+
+        def encode_batch_fast(self, group, add_special_tokens):
+            sent.append(sum(map(len, group)))
+            return backend.encode_batch_fast(group, add_special_tokens=add_special_tokens)
+
+    monkeypatch.setattr(corpus, "_fast_backend", lambda tok: Counting())
+    for limit in (0, 1, 7, 300, 2000, len(everything), len(everything) + 50):
+        sent.clear()
+        rows = list(token_chunks(tokenizer, docs, 64, limit=limit))
+        assert rows == everything[:limit], limit
+        # characters of the documents the rows reach into (each row holds 63 stream tokens, EOS included)
+        needed, tokens, used = 0, 0, limit * 63
+        for d in docs:
+            if tokens >= used:
+                break
+            tokens += len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1
+            needed += len(d)
+        assert sum(sent) <= max(corpus.FIRST_GROUP_CHARS, needed * 1.1) + max(map(len, docs)), (limit, sum(sent), needed)
+    sent.clear()
+    list(itertools.islice(token_chunks(tokenizer, docs, 64), 7))
+    assert sum(sent) >= corpus.GROUP_CHARS  # without a limit, a whole group
+
 def test_token_chunks_without_a_bos_token(tokenizer):
     class NoBos:  # a tokenizer that has no BOS token (some hub models): rows are plain stream windows
         bos_token_id = None

@@ -413,7 +413,8 @@ class _CacheJob:
         # rows beside the forward pass is slower: on two cores its tokenizing competes with torch's two threads, and
         # every forward region waits for the slower of them (cache / bare forward 1.70 against 1.36 inline, A/B in
         # one process, 2026-11-24).
-        yield from self._walk(token_chunks(self.model.tokenizer, documents(m.corpus, m.split), m.context), todo, piece, check, recheck)
+        rows = token_chunks(self.model.tokenizer, documents(m.corpus, m.split), m.context, limit=pieces[-1][1])
+        yield from self._walk(rows, todo, piece, check, recheck)
 
     def _walk(self, rows, todo, piece, check, recheck):
         m = self.manifest
