@@ -165,9 +165,9 @@ def encoded_documents(tokenizer, docs: Iterable[str], tokens: int | None = None)
     truncates or pads, or a slow tokenizer, is called per document.
 
     `tokens`, when given, is about how many tokens the caller will take (a hint; the ids never depend on it): a
-    group is then cut short once its characters, at the characters per token seen so far, hold what is still
-    wanted, so the last group does not tokenize far past the end (a whole group of 256k characters is about 70k
-    tokens of the reference corpus, more than a small job wants in all).
+    group is then cut short once its characters, at the characters per token seen so far (2 before any), hold what
+    is still wanted, so the last group does not tokenize far past the end (a whole group of 256k characters is
+    about 70k tokens of the reference corpus, more than a small job wants in all).
     """
     backend = _fast_backend(tokenizer)
     if backend is None:
@@ -177,8 +177,8 @@ def encoded_documents(tokenizer, docs: Iterable[str], tokens: int | None = None)
     group: list[str] = []
     size = 0
     chars = produced = 0  # characters encoded so far, and the tokens they gave
-    # with a budget, a small first group measures the characters per token (and is all a tiny job needs)
-    target = GROUP_CHARS if tokens is None else FIRST_GROUP_CHARS
+    # with a budget, the first group assumes 2 characters per token (few tokenizers have fewer): a tiny job's is small
+    target = GROUP_CHARS if tokens is None else max(FIRST_GROUP_CHARS, min(GROUP_CHARS, 2 * tokens))
     for doc in docs:
         group.append(doc)
         size += len(doc)
@@ -192,7 +192,7 @@ def encoded_documents(tokenizer, docs: Iterable[str], tokens: int | None = None)
         yield from (e.ids for e in backend.encode_batch_fast(group, add_special_tokens=False))
 
 
-FIRST_GROUP_CHARS = 16 * 1024  # with a token budget: the first group's characters, and the smallest group
+FIRST_GROUP_CHARS = 16 * 1024  # with a token budget: the smallest group
 
 
 def _group_target(tokens: int | None, chars: int, produced: int) -> int:
