@@ -87,7 +87,7 @@ from workbench.store import (
     site_file,
     storage_name,
 )
-from workbench.workspace import atomic_write_text, check_name
+from workbench.workspace import atomic_write_text, check_name, sql_path
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -631,7 +631,7 @@ class TokenTables:
             if self.con is None:
                 self.con = duckdb.connect(":memory:", config={"threads": 1})
             try:
-                self.con.execute("ATTACH " + _sql_string(str(path)) + " AS segment_tokens")
+                self.con.execute(f"ATTACH '{sql_path(path)}' AS segment_tokens")
                 self.con.from_arrow(table).create("segment_tokens.tokens")
                 self.con.execute("CHECKPOINT segment_tokens")
                 self.con.execute("DETACH segment_tokens")
@@ -646,10 +646,6 @@ class TokenTables:
             con, self.con = self.con, None
         if con is not None:
             con.close()
-
-
-def _sql_string(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 # ====================================================================== the segment writer

@@ -68,7 +68,7 @@ import torch
 from torch import Tensor
 
 from workbench.errors import WorkbenchError
-from workbench.workspace import Workspace, check_name
+from workbench.workspace import Workspace, check_name, sql_path
 
 if TYPE_CHECKING:
     import duckdb
@@ -611,7 +611,7 @@ def open_segment(segment: Segment) -> Iterator["duckdb.DuckDBPyConnection"]:
     path = segment.path / "tokens.duckdb"
     con = duckdb.connect(":memory:", config=READ_CONFIG)
     try:
-        con.execute(f"ATTACH '{_sql_string(path)}' AS seg (READ_ONLY)")
+        con.execute(f"ATTACH '{sql_path(path)}' AS seg (READ_ONLY)")
         con.execute("USE seg")
         yield con
     except duckdb.Error as e:
@@ -710,10 +710,6 @@ def _attach_run(con, run: Run) -> None:
 # ====================================================================== small helpers
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
-
-
-def _sql_string(path: Path) -> str:
-    return str(path).replace("'", "''")
 
 
 def _contiguous(segments: Sequence[Segment]) -> bool:

@@ -188,7 +188,7 @@ class Workspace:
             sources: dict[str, list[str]] = {}
             for i, path in enumerate(self.published_dbs()):
                 try:
-                    con.execute(f"ATTACH '{_sql_path(path)}' AS db{i} (READ_ONLY)")
+                    con.execute(f"ATTACH '{sql_path(path)}' AS db{i} (READ_ONLY)")
                 except duckdb.Error:
                     continue  # replaced or removed between listing and attaching; the next query sees its successor
             # One catalog listing for all attached files (database_name sorts db0, db1, ... in attach order per table).
@@ -198,7 +198,7 @@ class Workspace:
             ).fetchall():
                 sources.setdefault(table, []).append(f'{alias}.main."{table}"')
             for table in self._shard_tables():
-                glob = _sql_path(self.tables_dir / table) + "/*.parquet"
+                glob = sql_path(self.tables_dir / table) + "/*.parquet"
                 sources.setdefault(table, []).append(f"read_parquet('{glob}', union_by_name = true)")
             for table, parts in sources.items():
                 if wanted is not None and table not in wanted:
@@ -239,5 +239,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _sql_path(path: Path) -> str:
+def sql_path(path: Path | str) -> str:
+    """`path` as the inside of a SQL string literal (single quotes doubled): `f"ATTACH '{sql_path(p)}'"`."""
     return str(path).replace("'", "''")
