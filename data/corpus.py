@@ -178,7 +178,7 @@ def encoded_documents(tokenizer, docs: Iterable[str], tokens: int | None = None)
     size = 0
     chars = produced = 0  # characters encoded so far, and the tokens they gave
     # with a budget, the first group assumes 2 characters per token (few tokenizers have fewer): a tiny job's is small
-    target = GROUP_CHARS if tokens is None else max(FIRST_GROUP_CHARS, min(GROUP_CHARS, 2 * tokens))
+    target = GROUP_CHARS if tokens is None else max(MIN_GROUP_CHARS, min(GROUP_CHARS, 2 * tokens))
     for doc in docs:
         group.append(doc)
         size += len(doc)
@@ -192,7 +192,7 @@ def encoded_documents(tokenizer, docs: Iterable[str], tokens: int | None = None)
         yield from (e.ids for e in backend.encode_batch_fast(group, add_special_tokens=False))
 
 
-FIRST_GROUP_CHARS = 16 * 1024  # with a token budget: the smallest group
+MIN_GROUP_CHARS = 16 * 1024  # with a token budget: the smallest group
 
 
 def _group_target(tokens: int | None, chars: int, produced: int) -> int:
@@ -201,7 +201,7 @@ def _group_target(tokens: int | None, chars: int, produced: int) -> int:
     if tokens is None or produced == 0:
         return GROUP_CHARS
     wanted = max(0, tokens - produced)
-    return max(FIRST_GROUP_CHARS, min(GROUP_CHARS, int(wanted * chars / produced * 1.1)))
+    return max(MIN_GROUP_CHARS, min(GROUP_CHARS, int(wanted * chars / produced * 1.1)))
 
 
 def _fast_backend(tokenizer):

@@ -120,7 +120,7 @@ def test_token_chunks_with_a_limit_give_the_same_rows_and_tokenize_little_past_t
                 break
             tokens += len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1
             needed += len(d)
-        assert sum(sent) <= max(corpus.FIRST_GROUP_CHARS, needed * 1.1) + max(map(len, docs)), (limit, sum(sent), needed)
+        assert sum(sent) <= max(corpus.MIN_GROUP_CHARS, needed * 1.1) + max(map(len, docs)), (limit, sum(sent), needed)
     sent.clear()
     list(itertools.islice(token_chunks(tokenizer, docs, 64), 7))
     assert sum(sent) >= corpus.GROUP_CHARS  # without a limit, a whole group
