@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from sae.dictionary import K_ARCHS, Dictionary, DictionaryConfig
 from sae.checkpoint import CHECKPOINT_DIR, load_checkpoint, read_checkpoint_info, save_checkpoint, train_json
 from sae.losses import aux_zipf_weights, dictionary_loss
+from workbench.allocator import tune_malloc
 from workbench.errors import WorkbenchError
 
 UNIT_NORM_ARCHS = frozenset(K_ARCHS - {"codebook"} | {"jumprelu"})
@@ -682,6 +683,7 @@ def train_dictionaries(configs: list[DictionaryConfig], source: BatchSource, cfg
     checkpoints live in `dictionaries/<name>/checkpoint/` until it finishes, and a rerun
     with the same settings resumes from them. Without one, nothing touches the disk.
     """
+    tune_malloc()  # training steps reuse their temporaries instead of faulting them in again (workbench/allocator.py)
     world = world or World.from_env(cfg.device)
     trainer = Trainer(configs, cfg, world=world)
     with contextlib.ExitStack() as stack:

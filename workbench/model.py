@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from data import BUNDLED_MODELS, bundled_model_dir, hub_reachable
+from workbench.allocator import tune_malloc
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ def load_model(
     except Exception as e:  # a corrupt file, an unsupported architecture, mismatched shapes: all the input's fault
         raise WorkbenchError(f"cannot load model {name!r} from {directory}: {_one_line(e)}") from e
     model.eval()
+    tune_malloc()  # forward passes reuse their temporaries instead of faulting them in again (workbench/allocator.py)
     model.cfg.model_name = name
     model.workbench_dir = directory
     return model
