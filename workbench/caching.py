@@ -364,7 +364,7 @@ class _CacheJob:
         batch: list[list[int]] = []
         # a segment filling and one publishing (which gives its buffers back as it writes them) share these
         self.stages = stage_pool(len(self.manifest.sites), extra=1)
-        tables = TokenTables()
+        tables = TokenTables.shared()  # before the first forward pass: opening it trims the heap (see TokenTables)
         try:
             for piece, i, row in self._wanted_rows(pieces, check):
                 writer = writer or SegmentWriter(self.directory, piece[0], self.manifest, self.writers, self.stages, tables)
@@ -393,7 +393,6 @@ class _CacheJob:
                         w.wait()
                 else:
                     w.abort()
-            tables.close()
 
     def _wanted_rows(self, pieces: list[tuple[int, int]], check: Segment | None) -> Iterator[tuple[tuple[int, int], int, list[int]]]:
         """(piece, i, row) for each sequence i inside `pieces`, cut from the corpus in its fixed order.
@@ -611,25 +610,52 @@ def tokens_table(first_seq: int, tokens: np.ndarray) -> "pa.Table":
 
 
 class TokenTables:
-    """Writes segments' token tables (`tokens.duckdb`), each through one in-memory DuckDB connection held for a
-    whole job: the file is attached, filled from the Arrow rows, checkpointed and detached.
+    """Writes segments' token tables (`tokens.duckdb`), each through one in-memory DuckDB connection: the file is
+    attached, filled from the Arrow rows, checkpointed and detached.
 
     A fresh `duckdb.connect` per segment cost 29 ms of CPU (14 ms of it creating and closing the database
     instance), taken from the forward pass's cores by the writer thread; attaching the file to a connection already
     open costs 12 ms for the same file. The files are ordinary DuckDB databases either way. Used by one writer
     thread at a time (a lock makes sure).
+
+    Cache jobs share one instance per process (`shared`), opened before a job's first forward pass and kept open:
+    DuckDB calls glibc's `malloc_trim(0)` when a database instance starts and when it closes, which hands back every
+    free page of the process's heaps, so the forward pass's temporaries (kept for reuse, see
+    `workbench/allocator.py`) were faulted in again after the first segment's publishing (about 40k faults) and
+    after the job (in whatever ran next).
     """
+
+    _shared: "TokenTables | None" = None
+    _shared_lock = threading.Lock()
 
     def __init__(self):
         self.con = None
+        self.pid = os.getpid()
         self.lock = threading.Lock()
 
-    def write(self, path: Path, table: "pa.Table") -> None:
+    @classmethod
+    def shared(cls) -> "TokenTables":
+        """The process's token-table writer, its connection open (a forked child makes its own)."""
+        with cls._shared_lock:
+            if cls._shared is None or cls._shared.pid != os.getpid():
+                cls._shared = cls()
+            tables = cls._shared
+        tables.open()
+        return tables
+
+    def open(self) -> None:
+        with self.lock:
+            self._connect()
+
+    def _connect(self) -> None:  # with the lock held
         import duckdb
 
+        if self.con is None:
+            self.con = duckdb.connect(":memory:", config={"threads": 1})
+
+    def write(self, path: Path, table: "pa.Table") -> None:
         with self.lock:
-            if self.con is None:
-                self.con = duckdb.connect(":memory:", config={"threads": 1})
+            self._connect()
             try:
                 self.con.execute(f"ATTACH '{sql_path(path)}' AS segment_tokens")
                 self.con.from_arrow(table).create("segment_tokens.tokens")
@@ -640,12 +666,6 @@ class TokenTables:
                 with contextlib.suppress(Exception):
                     con.close()
                 raise
-
-    def close(self) -> None:
-        with self.lock:
-            con, self.con = self.con, None
-        if con is not None:
-            con.close()
 
 
 # ====================================================================== the segment writer
@@ -844,7 +864,7 @@ class SegmentWriter:
         self.manifest = manifest
         self.storage = STORAGE[manifest.dtype]
         self.pool = pool or stage_pool(len(manifest.sites))
-        self.tables = tables  # the job's token-table connection (None: one of its own for this segment)
+        self.tables = tables  # the token-table writer (None: the process's shared one)
         # The segment's token ids, for its token table and shard: one buffer for the whole segment (its pages are
         # touched only as rows arrive), not a small tensor kept per batch. Those stayed alive for the whole segment
         # between the forward pass's large temporaries and fragmented the heap, so the job's memory crept up with
@@ -963,12 +983,7 @@ class SegmentWriter:
                 f.finish(npy_header(np.dtype(self.storage.numpy_dtype), self.rows, m.width(site)))
                 sites[site] = {"shape": list(m.shapes[site]), "width": m.width(site), "checksums": self.checksums[site].finish()}
             table = tokens_table(first, self.token_ids[:end - first])
-            tables = self.tables or TokenTables()
-            try:
-                tables.write(self.tmp / "tokens.duckdb", table)
-            finally:
-                if tables is not self.tables:
-                    tables.close()
+            (self.tables or TokenTables.shared()).write(self.tmp / "tokens.duckdb", table)
             info = {"format": 2, "model": m.model, "run": m.run, "first": first, "end": end, "context": m.context,
                     "dtype": m.dtype, "chunk_rows": CHUNK_ROWS, "rows": self.rows, "sites": sites, "created": time.time()}
             with open(self.tmp / "segment.json", "w") as f:
