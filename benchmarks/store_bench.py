@@ -48,7 +48,11 @@ Three targets (issue 3), each printed as a ratio from this one run:
 
 Rounds alternate between contenders (A B C A B C ...) so load from other processes
 hits them alike; ratios are printed from the medians, and from the best rounds in
-parentheses. On a machine shared with other jobs both move a lot from run to run.
+parentheses; the caching ratio also as the median of each round's own ratio (its two
+runs a few seconds apart). On a machine shared with other jobs all of them move a lot
+from run to run. Every contender runs with glibc's malloc as the workbench tunes it
+(`workbench/allocator.py`, applied when the model is loaded or a store opened);
+`benchmarks/allocator_bench.py` compares that with glibc's defaults.
 
     python benchmarks/store_bench.py [--rounds 5] [--read-rows 400000] [--width 256]
                                      [--cache-tokens 524288] [--cache-large-tokens 32768]
@@ -86,7 +90,10 @@ def main() -> None:
         cache = bench_cache(tmp, args) if "cache" in parts else None
         memory = bench_memory(tmp, args) if "memory" in parts else None
         long = bench_memory_long(tmp, args) if "long" in parts else None
-    print(f"\nload average {os.getloadavg()[0]:.1f} at the end; ratios from medians (and from best rounds) of alternating rounds")
+    from workbench.allocator import malloc_state
+
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end; glibc malloc {malloc_state() or 'not set'} (workbench/allocator.py); "
+          "ratios from medians (and from best rounds) of alternating rounds")
     if read:
         print(f"1. read   : store.batches (shuffled) / np.load  = {_ratio(read, 'shuffled', 'npy')}   (target >= 0.60)")
         print(f"           store.batches (in order) / np.load  = {_ratio(read, 'ordered', 'npy')}")
@@ -94,7 +101,8 @@ def main() -> None:
         print(f"           both read from disk (dropped from the page cache): store.batches (shuffled) / np.load = "
               f"{_ratio(read, 'shuffled_cold', 'npy_cold')}")
     for label, times in (cache or {}).items():
-        print(f"2. cache  : {label}: store.cache / bare forward with the same hooks = {_ratio(times, 'forward', 'cache')}   (target <= 1.25)")
+        print(f"2. cache  : {label}: store.cache / bare forward with the same hooks = {_ratio(times, 'forward', 'cache')}   (target <= 1.25); "
+              f"median of each round's own ratio {_paired(times, 'forward', 'cache')}")
         print(f"           {label}: store.cache / (tokenizing the corpus + bare forward) = {_ratio(times, 'tokenize_forward', 'cache')}")
         print(f"           {label}: where the rest goes, as shares of the bare forward: tokenizing "
               f"{_share(times, 'tokenize_forward', 'forward')}, staging {_share(times, 'tok_fwd_stage', 'tokenize_forward')}, "
@@ -123,6 +131,13 @@ def main() -> None:
 def _share(times: dict[str, list[float]], more: str, less: str) -> str:
     """(median(more) - median(less)) / median(forward): what one step adds, as a share of the bare forward pass."""
     return f"{(statistics.median(times[more]) - statistics.median(times[less])) / statistics.median(times['forward']):+.2f}"
+
+
+def _paired(times: dict[str, list[float]], a: str, b: str) -> str:
+    """The median over rounds of time(b) / time(a) within one round (the two ran a few seconds apart, so drift in the
+    machine's speed over minutes cancels), with the spread of those per-round ratios."""
+    ratios = sorted(y / x for x, y in zip(times[a], times[b]))
+    return f"{statistics.median(ratios):.2f} (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 
 def _ratio(times: dict[str, list[float]], a: str, b: str) -> str:
