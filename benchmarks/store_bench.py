@@ -50,9 +50,14 @@ Rounds alternate between contenders (A B C A B C ...) so load from other process
 hits them alike; ratios are printed from the medians, and from the best rounds in
 parentheses; the caching ratio also as the median of each round's own ratio (its two
 runs a few seconds apart). On a machine shared with other jobs all of them move a lot
-from run to run. Every contender runs with glibc's malloc as the workbench tunes it
-(`workbench/allocator.py`, applied when the model is loaded or a store opened);
-`benchmarks/allocator_bench.py` compares that with glibc's defaults.
+from run to run.
+
+glibc's malloc: the read part runs first, as glibc sets it (the workbench tunes malloc when
+it loads a model or trains, not when it reads the store); `--tuned-read` runs it tuned, where
+`np.load` gets 2-2.7 times as fast (its 410 MB array is reused from the heap instead of
+faulted in afresh) and the store's batches do not change. The cache and memory parts run
+tuned, every contender alike (`workbench/allocator.py`; `benchmarks/allocator_bench.py`
+compares tuned with glibc's defaults).
 
     python benchmarks/store_bench.py [--rounds 5] [--read-rows 400000] [--width 256]
                                      [--cache-tokens 524288] [--cache-large-tokens 32768]
@@ -86,22 +91,26 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
     with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp:
         tmp = Path(tmp)
+        from workbench.allocator import malloc_state, tune_malloc
+
+        if args.tuned_read:
+            tune_malloc()
         read = bench_read(tmp, args) if "read" in parts else None
+        read_malloc = malloc_state() or "as glibc sets it"
         cache = bench_cache(tmp, args) if "cache" in parts else None
         memory = bench_memory(tmp, args) if "memory" in parts else None
         long = bench_memory_long(tmp, args) if "long" in parts else None
-    from workbench.allocator import malloc_state
-
-    print(f"\nload average {os.getloadavg()[0]:.1f} at the end; glibc malloc {malloc_state() or 'not set'} (workbench/allocator.py); "
-          "ratios from medians (and from best rounds) of alternating rounds")
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end; ratios from medians (and from best rounds) of alternating rounds")
     if read:
-        print(f"1. read   : store.batches (shuffled) / np.load  = {_ratio(read, 'shuffled', 'npy')}   (target >= 0.60)")
+        print(f"1. read   : store.batches (shuffled) / np.load  = {_ratio(read, 'shuffled', 'npy')}   (target >= 0.60; "
+              f"glibc malloc {read_malloc})")
         print(f"           store.batches (in order) / np.load  = {_ratio(read, 'ordered', 'npy')}")
         print(f"           store.batches (shuffled) / np.load + in-memory shuffle (whole file in RAM) = {_ratio(read, 'shuffled', 'npy_shuffled')}")
         print(f"           both read from disk (dropped from the page cache): store.batches (shuffled) / np.load = "
               f"{_ratio(read, 'shuffled_cold', 'npy_cold')}")
     for label, times in (cache or {}).items():
-        print(f"2. cache  : {label}: store.cache / bare forward with the same hooks = {_ratio(times, 'forward', 'cache')}   (target <= 1.25); "
+        print(f"2. cache  : {label}: store.cache / bare forward with the same hooks = {_ratio(times, 'forward', 'cache')}   (target <= 1.25; "
+              f"glibc malloc {malloc_state()}); "
               f"median of each round's own ratio {_paired(times, 'forward', 'cache')}")
         print(f"           {label}: store.cache / (tokenizing the corpus + bare forward) = {_ratio(times, 'tokenize_forward', 'cache')}")
         print(f"           {label}: where the rest goes, as shares of the bare forward: tokenizing "
@@ -539,6 +548,8 @@ def _parse():
     parser.add_argument("--parts", default="read,cache,memory",
                         help="comma-separated subset of read,cache,memory,long (long: one process each followed to 3M tokens)")
     parser.add_argument("--memory-rounds", type=int, default=3, help="fresh processes per size and contender for the peaks")
+    parser.add_argument("--tuned-read", action="store_true",
+                        help="run the read part with glibc malloc tuned as the workbench tunes it for models and training")
     return parser.parse_args()
 
 

@@ -434,3 +434,23 @@ def test_staging_memory_is_bounded_whatever_the_number_of_sites():
             assert count == (3 + extra) * sites
             assert pool.size % SiteFile.ALIGN == 0 and 16 * SiteFile.ALIGN <= pool.size <= STAGE_BYTES
             assert count * pool.size <= STAGE_BUDGET or pool.size == 16 * SiteFile.ALIGN
+
+
+def test_segments_hold_at_most_segment_max_tokens(tmp_path, tiny_model, corpus, monkeypatch):
+    """A segment's size is SEGMENT_BYTES of activations or SEGMENT_MAX_TOKENS tokens, whichever is fewer (the tiny
+    model's 64 values a token would fill 256 MiB only after a million tokens, and publishing takes memory in
+    proportion to a segment's tokens); every row still lands exactly once."""
+    import workbench.caching as caching
+
+    monkeypatch.setattr(caching, "SEGMENT_MAX_TOKENS", 4 * CTX)
+    store = ActivationStore(tmp_path / "ws")
+    sites = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    store.cache(tiny_model, sites, 10 * CTX, corpus=str(corpus), context=CTX, batch_size=BATCH, progress=False)
+    run = store.run(tiny_model, sites)
+    assert caching.SEGMENT_BYTES // (64 * 4) > 4 * CTX  # the byte rule alone would give one segment
+    assert run.manifest.segment_sequences == 4
+    assert [(s.first, s.end) for s in run.segments] == [(0, 4), (4, 8), (8, 10)]
+    oracle = fresh_forward(tiny_model, expected_tokens(tiny_model, corpus, 10), sites, run)
+    for site in sites:
+        _, _, stored = scan_all(store, tiny_model, site)
+        assert torch.equal(stored, oracle[site])

@@ -23,8 +23,10 @@ batches, and that mark rises a little where freed blocks no longer go back (peak
 to leave glibc as it is; settings the user already made (`MALLOC_*_` variables, `GLIBC_TUNABLES` for malloc, or an
 allocator preloaded with `LD_PRELOAD` such as jemalloc or tcmalloc) are left alone too, as is any libc but glibc.
 
-The workbench calls it when it has loaded a model (loading itself runs with glibc's defaults), opens an activation
-store, or trains dictionaries. It is process-wide and cannot be undone within the process (glibc's adaptive
+The workbench calls it when it has loaded a model (loading itself runs with glibc's defaults) and when it trains
+dictionaries. Reading the activation store does not call it: its batches were as fast either way (shuffled 2.5 GB/s
+both ways in `store_bench.py`), while `np.load`, the read target's yardstick, runs 2-2.7 times as fast tuned, since
+its 410 MB array no longer faults in afresh. It is process-wide and cannot be undone within the process (glibc's adaptive
 threshold stays off once a setting is made). DuckDB undoes part of it: it calls `malloc_trim(0)` whenever a database
 instance starts or closes, which hands every free page back; the cache job keeps one instance open for the process
 (`caching.TokenTables.shared`) for that reason.

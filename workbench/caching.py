@@ -96,6 +96,11 @@ if TYPE_CHECKING:
 DEFAULT_CONTEXT = 128
 DEFAULT_BATCH = 32  # sequences per forward pass
 SEGMENT_BYTES = 256 * 2**20  # activation bytes per segment file (the unit of resume)
+# and at most this many tokens per segment: its token ids are held until it is published, and publishing (the Arrow
+# rows, the DuckDB token table, the Parquet shard) takes memory in proportion (about 27 MiB at a million tokens, the
+# size SEGMENT_BYTES alone gave a model caching 64 values a token), so narrow sites no longer make a job's memory
+# grow with the tokens cached up to that size
+SEGMENT_MAX_TOKENS = 2**18
 PROGRESS_EVERY = 1.0  # seconds between progress-file updates
 
 
@@ -147,7 +152,7 @@ def cache_activations(store: ActivationStore, model, sites: Sequence[str] | str,
     name = model_name(model)
     shapes = {s: tuple(infos[s].shape) for s in sites}
     row_bytes = sum(infos[s].width for s in sites) * STORAGE[storage].itemsize
-    per_segment = max(1, (segment_tokens or SEGMENT_BYTES // row_bytes) // context)
+    per_segment = max(1, (segment_tokens or min(SEGMENT_BYTES // row_bytes, SEGMENT_MAX_TOKENS)) // context)
     wanted = RunManifest(name, run, tuple(sites), shapes, storage, context, corpus, split, tokenizer_fingerprint(model.tokenizer),
                          per_segment, math.ceil(n_tokens / context))
     try:

@@ -67,7 +67,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from workbench.allocator import tune_malloc
 from workbench.errors import WorkbenchError
 from workbench.workspace import Workspace, check_name, sql_path
 
@@ -196,7 +195,6 @@ class ActivationStore:
     """Cached activations of a workspace: write with `cache`, read with `batches`, `pairs`, `scan`, `tokens`, `sql`."""
 
     def __init__(self, workspace: Workspace | str | os.PathLike | None = None):
-        tune_malloc()  # its loops (caching, batches) reuse their buffers instead of faulting them in again
         self.workspace = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
 
     def __repr__(self) -> str:
