@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from data.corpus import documents, token_chunks
+from workbench.errors import WorkbenchError
 from workbench.store import ActivationStore
 from workbench.workspace import Workspace
 
@@ -454,3 +455,32 @@ def test_segments_hold_at_most_segment_max_tokens(tmp_path, tiny_model, corpus, 
     for site in sites:
         _, _, stored = scan_all(store, tiny_model, site)
         assert torch.equal(stored, oracle[site])
+
+
+def test_chunks_are_checked_once_per_process_and_file_version(tmp_path, tiny_model, corpus, monkeypatch):
+    """The first epoch checks every chunk's checksum; later epochs in the process trust what was checked (same rows,
+    no checksum pass); a file written since (here: damaged in place) is a new version and is checked again."""
+    import workbench.streaming as streaming
+
+    sums = []
+    real = streaming.chunk_checksums
+    monkeypatch.setattr(streaming, "chunk_checksums", lambda rows, chunk: sums.append(len(rows)) or real(rows, chunk))
+    store = ActivationStore(tmp_path / "ws")
+    site = "blocks.0.hook_resid_post"
+    store.cache(tiny_model, [site], 12 * CTX, corpus=str(corpus), context=CTX, batch_size=BATCH, segment_tokens=4 * CTX,
+                progress=False)
+    rows = 12 * CTX
+    first = torch.cat(list(store.batches(tiny_model, site, 50, seed=3)))
+    assert sum(sums) == rows  # every row's chunk checked once
+    again = torch.cat(list(store.batches(tiny_model, site, 50, seed=3)))
+    _, _, in_order = scan_all(store, tiny_model, site)
+    assert sum(sums) == rows and torch.equal(first, again)  # no second pass, same batches
+    assert torch.equal(torch.sort(first.sum(1)).values, torch.sort(in_order.sum(1)).values)
+    run = store.run(tiny_model, [site])
+    path = run.segments[1].path / f"{site}.npy"
+    offset = np.load(path, mmap_mode="r").offset
+    with open(path, "r+b") as f:
+        f.seek(offset + 64)
+        f.write(b"\x12\x34\x56\x78")
+    with pytest.raises(WorkbenchError, match="checksum"):
+        list(store.batches(tiny_model, site, 50, seed=3))
