@@ -130,4 +130,5 @@ def test_a_cache_job_leaves_the_heap_it_kept_alone(model_dirs, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     faults = json.loads(done.stdout.strip().splitlines()[-1])
-    assert all(f < BLOCK_PAGES * 0.1 for f in faults), faults
+    # a trimmed heap faults the whole block in again (16,384 pages); a job may leave the heap a few MiB short of it
+    assert all(f < BLOCK_PAGES * 0.5 for f in faults), faults

@@ -249,10 +249,12 @@ class RunReader:
         key = (seg, site)
         if key not in self.layouts:
             array = site_array(seg, site, info, width, storage)  # parses and checks the header and the file size
-            self.layouts[key] = (int(array.offset), len(array))
-            chunk = int(info.get("chunk_rows", CHUNK_ROWS))
+            layout = (int(array.offset), len(array))
             del array
-            self.verified[key] = _verified_flags(site_file(seg.path, site), -(-self.layouts[key][1] // chunk))
+            chunk = int(info.get("chunk_rows", CHUNK_ROWS))
+            # flags first: a helper thread that finds the layout goes straight on to `_check`, which needs them
+            self.verified[key] = _verified_flags(site_file(seg.path, site), -(-layout[1] // chunk))
+            self.layouts[key] = layout
         return self.layouts[key]
 
     def _map(self, seg: Segment, site: str, offset: int, first: int, last: int, width: int, storage: Storage) -> np.ndarray:
