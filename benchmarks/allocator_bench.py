@@ -32,7 +32,7 @@ import json, os, resource, shutil, statistics, sys, time
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {bench!r})
 import torch
-from data.corpus import documents, token_chunks
+from store_bench import corpus_rows
 from workbench.allocator import malloc_state
 from workbench.caching import capture
 from workbench.model import load_model, stop_layer
@@ -49,12 +49,7 @@ model = load_model(path, device="cpu")
 layer = max(0, model.cfg.n_layers // 2 - 1)
 sites = [f"blocks.{{layer}}.hook_resid_post", f"blocks.{{layer}}.hook_mlp_out", f"blocks.{{layer}}.attn.hook_z"]
 stop, context, batch = stop_layer(model, sites), 128, 32
-rows = []
-for row in token_chunks(model.tokenizer, documents("reference", "train"), context):
-    rows.append(row)
-    if len(rows) == n_tokens // context:
-        break
-tokens = torch.tensor(rows)
+tokens = corpus_rows(model.tokenizer, n_tokens // context, context)
 workspace = os.path.join(tmp, "ws-" + str(os.getpid()))
 
 def one_pass():

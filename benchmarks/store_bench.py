@@ -261,12 +261,7 @@ def bench_cache_model(tmp: Path, args, model_path: str, n_tokens: int) -> dict[s
     sites = [f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.attn.hook_z"]
     context, batch = 128, 32
     sequences = n_tokens // context
-    rows = []
-    for row in token_chunks(model.tokenizer, documents("reference", "train"), context):
-        rows.append(row)
-        if len(rows) == sequences:
-            break
-    tokens = torch.tensor(rows)
+    tokens = corpus_rows(model.tokenizer, sequences, context)
     stop = stop_layer(model, sites)
     print(f"cache: {model.cfg.model_name} (d_model {model.cfg.d_model}, {n_layers} layers), {tokens.numel():,} tokens, "
           f"sites {', '.join(sites)}, batch {batch} x {context}, stop_at_layer={stop}")
@@ -323,6 +318,13 @@ def bench_cache_model(tmp: Path, args, model_path: str, n_tokens: int) -> dict[s
     rates = {k: tokens.numel() / statistics.median(v) for k, v in seconds.items()}
     print(f"  (median {rates['forward']:,.0f} tokens/s bare, {rates['cache']:,.0f} tokens/s caching)")
     return seconds
+
+
+def corpus_rows(tokenizer, sequences: int, context: int = 128) -> torch.Tensor:
+    """The first `sequences` rows of `context` tokens of the reference training corpus, as the cache job cuts them."""
+    from data.corpus import documents, token_chunks
+
+    return torch.tensor(list(token_chunks(tokenizer, documents("reference", "train"), context, limit=sequences)))
 
 
 def large_model(tmp: Path) -> str:

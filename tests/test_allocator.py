@@ -21,32 +21,41 @@ from workbench import allocator
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_PAGES = 64 * 2**20 // 4096
 
-_LOOP = f"""
+# What both children start with: `rounds(n)` mallocs, fills and frees a 64 MiB block n times and returns the faults.
+_CHURN = f"""
 import ctypes, json, resource, sys
 sys.path.insert(0, {str(ROOT)!r})
-from workbench.allocator import tune_malloc
-state = tune_malloc()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 def rounds(n):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(n):
         block = libc.malloc(2**26)  # 64 MiB, every page written
         ctypes.memset(block, 1, 2**26)
         libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+"""
+
+_LOOP = _CHURN + """
+from workbench.allocator import tune_malloc
+state = tune_malloc()
 rounds(2)  # the first round faults the block in whatever the setting
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-rounds(4)
-print(json.dumps({{"state": state, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}}))
+print(json.dumps({"state": state, "faults": rounds(4)}))
 """
 
 
-def _loop(**env_changes) -> dict:
+def _child(code: str, timeout: int, **env_changes):
+    """What a fresh process running `code` prints last, as JSON; no malloc settings of this process's environment."""
     env = {k: v for k, v in os.environ.items() if k != allocator.ENV and not k.startswith("MALLOC_")}
     env.update(env_changes)
-    done = subprocess.run([sys.executable, "-c", _LOOP], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _loop(**env_changes) -> dict:
+    return _child(_LOOP, 120, **env_changes)
 
 
 def _glibc() -> bool:
@@ -91,21 +100,9 @@ def test_tune_malloc_runs_once_per_process():
     assert allocator.tune_malloc() == first == allocator.malloc_state()
 
 
-_AFTER_CACHE = """
-import ctypes, json, resource, sys
-sys.path.insert(0, {root!r})
+_AFTER_CACHE = _CHURN + """
 from workbench.model import load_model
 from workbench.store import ActivationStore
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-def rounds(n):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(n):
-        block = libc.malloc(2**26)
-        ctypes.memset(block, 1, 2**26)
-        libc.free(block)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 model = load_model({model!r}, device="cpu")  # tunes malloc
 store = ActivationStore({ws!r})
 store.cache(model, ["blocks.0.hook_resid_post"], 4096, batch_size=8, progress=False, run="first")
@@ -125,10 +122,6 @@ def test_a_cache_job_leaves_the_heap_it_kept_alone(model_dirs, tmp_path):
     process's one connection (opened by its first job) stays open, so after a later job on a new run a 64 MiB block
     freed before it is still there to reuse. (A job that resumes a run opens its published segments first, which
     trims once, before its first forward pass.)"""
-    code = _AFTER_CACHE.format(root=str(ROOT), model=str(model_dirs["gpt2"]), ws=str(tmp_path / "ws"))
-    env = {k: v for k, v in os.environ.items() if k != allocator.ENV and not k.startswith("MALLOC_")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
-    faults = json.loads(done.stdout.strip().splitlines()[-1])
+    faults = _child(_AFTER_CACHE.format(model=str(model_dirs["gpt2"]), ws=str(tmp_path / "ws")), 300)
     # a trimmed heap faults the whole block in again (16,384 pages); a job may leave the heap a few MiB short of it
     assert all(f < BLOCK_PAGES * 0.5 for f in faults), faults

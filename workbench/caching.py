@@ -369,10 +369,10 @@ class _CacheJob:
         batch: list[list[int]] = []
         # a segment filling and one publishing (which gives its buffers back as it writes them) share these
         self.stages = stage_pool(len(self.manifest.sites), extra=1)
-        tables = TokenTables.shared()  # before the first forward pass: opening it trims the heap (see TokenTables)
+        TokenTables.shared()  # opened before the first forward pass: opening it trims the heap (see TokenTables)
         try:
             for piece, i, row in self._wanted_rows(pieces, check):
-                writer = writer or SegmentWriter(self.directory, piece[0], self.manifest, self.writers, self.stages, tables)
+                writer = writer or SegmentWriter(self.directory, piece[0], self.manifest, self.writers, self.stages)
                 batch.append(row)
                 end_of_piece = i == piece[1] - 1
                 if len(batch) == self.batch_size or end_of_piece:
@@ -863,13 +863,12 @@ class SegmentWriter:
     """
 
     def __init__(self, directory: Path, first: int, manifest: RunManifest, registry: list | None = None,
-                 pool: StagePool | None = None, tables: TokenTables | None = None):
+                 pool: StagePool | None = None):
         self.tmp = directory / f".seg-{first:09d}.{uuid.uuid4().hex[:8]}.tmp"
         self.finishing = False  # set once `finish` has queued the publishing and the end of the queue
         self.manifest = manifest
         self.storage = STORAGE[manifest.dtype]
         self.pool = pool or stage_pool(len(manifest.sites))
-        self.tables = tables  # the token-table writer (None: the process's shared one)
         # The segment's token ids, for its token table and shard: one buffer for the whole segment (its pages are
         # touched only as rows arrive), not a small tensor kept per batch. Those stayed alive for the whole segment
         # between the forward pass's large temporaries and fragmented the heap, so the job's memory crept up with
@@ -988,7 +987,7 @@ class SegmentWriter:
                 f.finish(npy_header(np.dtype(self.storage.numpy_dtype), self.rows, m.width(site)))
                 sites[site] = {"shape": list(m.shapes[site]), "width": m.width(site), "checksums": self.checksums[site].finish()}
             table = tokens_table(first, self.token_ids[:end - first])
-            (self.tables or TokenTables.shared()).write(self.tmp / "tokens.duckdb", table)
+            TokenTables.shared().write(self.tmp / "tokens.duckdb", table)
             info = {"format": 2, "model": m.model, "run": m.run, "first": first, "end": end, "context": m.context,
                     "dtype": m.dtype, "chunk_rows": CHUNK_ROWS, "rows": self.rows, "sites": sites, "created": time.time()}
             with open(self.tmp / "segment.json", "w") as f:

@@ -180,8 +180,7 @@ class RunReader:
         self.helpers = helpers  # threads that share `windows` and `gather` with the calling thread (None: it works alone)
         self.threads = 1 + (helpers.count if helpers is not None else 0)
         self.infos: dict[Segment, dict] = {}
-        self.layouts: dict[tuple[Segment, str], tuple[int, int]] = {}
-        self.verified: dict[tuple[Segment, str], np.ndarray] = {}  # this reader's handle on each file's VERIFIED flags
+        self.layouts: dict[tuple[Segment, str], tuple[int, int, np.ndarray]] = {}
 
     def window(self, seg: Segment, lo: int, hi: int) -> list[np.ndarray | None]:
         """Per column, the rows [lo, hi) of `seg` as a read-only memory-mapped array (None for a key column)."""
@@ -194,10 +193,10 @@ class RunReader:
             if name in KEYS:
                 out.append(None)
                 continue
-            offset, rows = self._layout(seg, name, info, width, storage)
+            offset, rows, verified = self._layout(seg, name, info, width, storage)
             first, last = lo // chunk * chunk, min(-(-hi // chunk) * chunk, rows)  # the chunks the window covers
             cover = self._map(seg, name, offset, first, last, width, storage)
-            self._check(seg, name, info, cover, first, chunk)
+            self._check(seg, name, info, cover, first, chunk, verified)
             out.append(cover[lo - first:hi - first])
         return out
 
@@ -244,17 +243,16 @@ class RunReader:
         rows = rows.astype(np.int64) + lo
         return torch.from_numpy(seg.first + rows // ctx if name == "seq_id" else rows % ctx)
 
-    def _layout(self, seg: Segment, site: str, info: dict, width: int, storage: Storage) -> tuple[int, int]:
-        """(data offset, rows) of a site file, from its header, checked against what the segment should hold."""
+    def _layout(self, seg: Segment, site: str, info: dict, width: int, storage: Storage) -> tuple[int, int, np.ndarray]:
+        """(data offset, rows, `VERIFIED` flags) of a site file, from its header, checked against what the segment
+        should hold."""
         key = (seg, site)
         if key not in self.layouts:
             array = site_array(seg, site, info, width, storage)  # parses and checks the header and the file size
-            layout = (int(array.offset), len(array))
+            offset, rows = int(array.offset), len(array)
             del array
-            chunk = int(info.get("chunk_rows", CHUNK_ROWS))
-            # flags first: a helper thread that finds the layout goes straight on to `_check`, which needs them
-            self.verified[key] = _verified_flags(site_file(seg.path, site), -(-layout[1] // chunk))
-            self.layouts[key] = layout
+            chunks = -(-rows // int(info.get("chunk_rows", CHUNK_ROWS)))
+            self.layouts[key] = (offset, rows, _verified_flags(site_file(seg.path, site), chunks))
         return self.layouts[key]
 
     def _map(self, seg: Segment, site: str, offset: int, first: int, last: int, width: int, storage: Storage) -> np.ndarray:
@@ -277,12 +275,13 @@ class RunReader:
         dtype = np.dtype(storage.numpy_dtype)
         return np.frombuffer(region, dtype=dtype, count=(last - first) * width, offset=start - aligned).reshape(-1, width)
 
-    def _check(self, seg: Segment, site: str, info: dict, cover: np.ndarray, first: int, chunk: int) -> None:
-        """Check the chunks of `cover` (rows from `first`, a chunk boundary) not checked yet in this process."""
+    def _check(self, seg: Segment, site: str, info: dict, cover: np.ndarray, first: int, chunk: int,
+               done: np.ndarray) -> None:
+        """Check the chunks of `cover` (rows from `first`, a chunk boundary) not checked yet in this process (`done`:
+        the file's `VERIFIED` flags, set here)."""
         expected = info["sites"].get(site, {}).get("checksums")
         if expected is None:
             raise damaged(seg, ValueError(f"segment.json has no checksums for {site}"))
-        done = self.verified[(seg, site)]
         for i in range(0, len(cover), chunk):
             c = (first + i) // chunk
             if done[c]:
