@@ -63,6 +63,33 @@ def test_cached_generation_matches_full_recompute(tiny_model, positions):
     assert no_hooks(tiny_model)
 
 
+def test_kv_cache_holds_every_token_run_and_decodes_as_a_fresh_forward(tiny_model):
+    """Unsteered: after the prompt and each decode step the cache holds every token so far, and a decode step's
+    logits equal the last position of a fresh forward over the whole sequence (transformers 5.24 renamed the
+    argument TransformerLens's attention reads the cache from; unfilled, each step saw only its own token)."""
+    from workbench.steering import _step
+
+    tokens = tiny_model.to_tokens("When Mary and John went")
+    logits, cache = _step(tiny_model, tokens, None, True)
+    assert cache.get_seq_length() == tokens.shape[1]
+    for token in (7, 19, 3):
+        tokens = torch.cat([tokens, torch.tensor([[token]])], dim=1)
+        logits, cache = _step(tiny_model, tokens[:, -1:], cache, True)
+        assert cache.get_seq_length() == tokens.shape[1]
+        torch.testing.assert_close(logits[:, -1], tiny_model(tokens)[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_cache_that_is_not_filled_is_refused(tiny_model, monkeypatch):
+    """Planted fault: attention that never writes the cache (what TransformerLens 4.3 did under transformers 5.24
+    before the workaround) makes cached generation a clear error, not text generated from a truncated context."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    monkeypatch.setattr(AttentionBridge, "_update_kv_cache", lambda self, k, v, **kwargs: (k, v))
+    with pytest.raises(WorkbenchError, match="KV cache holds 0 tokens"):
+        generate(tiny_model, "When Mary and John went", (), max_new_tokens=3, stop_at_eos=False)
+    assert generate(tiny_model, "When Mary and John went", (), max_new_tokens=3, stop_at_eos=False, use_cache=False).new_tokens
+
+
 def test_side_by_side_uses_the_same_seed(tiny_model):
     """The baseline is the unsteered sample with that seed; a zero coefficient reproduces it token for token."""
     v = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(1))

@@ -59,6 +59,7 @@ def load_model(
     directory = resolve_model_dir(name)
     torch_dtype = resolve_dtype(dtype)
     _quiet_transformers()
+    _pass_renamed_kv_cache()
     try:
         model = TransformerBridge.boot_transformers(str(directory), device=resolve_device(device), dtype=torch_dtype)
         model.enable_compatibility_mode(disable_warnings=True, no_processing=not process_weights)
@@ -218,6 +219,31 @@ def _hub_snapshot(name: str) -> Path:
         return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
     except Exception as e:  # the hub answered but refused: unknown repo, gated, network cut mid-way
         raise WorkbenchError(f"cannot download model {name!r} from the hub: {_one_line(e)}") from e
+
+
+def _pass_renamed_kv_cache() -> None:
+    """Let TransformerLens's attention bridges find the KV cache under the name transformers 5.24 gives it.
+
+    transformers 5.24 renamed the cache argument a decoder layer hands its attention module from
+    `past_key_values` to `cache` (GPT-2, Llama, Qwen2, Gemma2, ...; GPT-NeoX still says `layer_past`).
+    TransformerLens 4.3 replaces that attention module with its own, whose `_update_kv_cache` looks only
+    for `past_key_values` and `layer_past`: it finds no cache, so the cache is never filled and a cached
+    decode step sees only its own token, at position 0. Passing `cache` on under the old name restores
+    cached decoding; under transformers < 5.24 no `cache` argument arrives and this changes nothing.
+    """
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    update = AttentionBridge._update_kv_cache
+    if getattr(update, "_workbench_cache_alias", False):
+        return
+
+    def _update_kv_cache(self, k, v, **kwargs):
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return update(self, k, v, **kwargs)
+
+    _update_kv_cache._workbench_cache_alias = True
+    AttentionBridge._update_kv_cache = _update_kv_cache
 
 
 def _quiet_transformers() -> None:

@@ -117,9 +117,19 @@ def side_by_side(model: "TransformerBridge", prompt: str, interventions: Sequenc
 def _step(model, tokens: Tensor, cache, use_cache: bool):
     if not use_cache:
         return model(tokens), None
+    seen = 0 if cache is None else cache.get_seq_length()
     if cache is None:
-        return model(tokens, return_type="logits_and_cache")
-    return model(tokens, return_type="logits_and_cache", past_key_values=cache)
+        logits, cache = model(tokens, return_type="logits_and_cache")
+    else:
+        logits, cache = model(tokens, return_type="logits_and_cache", past_key_values=cache)
+    # A cache that did not grow by the tokens just run means the next step would see none of them
+    # (transformers 5.24 renamed the argument TransformerLens's attention reads the cache from): refuse
+    # rather than generate from a truncated context.
+    if cache is None or cache.get_seq_length() != seen + tokens.shape[1]:
+        held = None if cache is None else cache.get_seq_length()
+        raise WorkbenchError(f"the KV cache holds {held} tokens after a step over {seen} + {tokens.shape[1]}: "
+                             "this transformers/TransformerLens pair does not fill it; generate with use_cache=False")
+    return logits, cache
 
 
 def _sample(logits: Tensor, generator: torch.Generator, temperature: float, top_k: int | None) -> int:
