@@ -174,8 +174,9 @@ def test_shuffled_epoch_covers_every_row_exactly_once(cached, tiny_model):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_shuffled_batches_do_not_depend_on_the_reader_threads(cached, tiny_model, monkeypatch, threads):
-    """Gathering a batch with helper threads splits its row copies (a window's among them) across threads: the
-    batches must be exactly those one thread gathers, for one site and for aligned pairs."""
+    """Workers gather whole batches at once and map the next block while this one is gathered: the batches must
+    be exactly those the reading thread makes alone (`READ_THREADS` 1), in the same order, for one site and for
+    aligned pairs, whatever the workers' number and the read-ahead."""
     import workbench.streaming as streaming
 
     store = cached[0]
@@ -188,9 +189,46 @@ def test_shuffled_batches_do_not_depend_on_the_reader_threads(cached, tiny_model
     monkeypatch.setattr(streaming, "READ_THREADS", 1)
     alone = epoch()
     monkeypatch.setattr(streaming, "READ_THREADS", threads)
-    shared = epoch()
-    assert len(alone[0]) == len(shared[0]) and all(torch.equal(x, y) for x, y in zip(alone[0], shared[0]))
-    assert len(alone[1]) == len(shared[1]) and all(torch.equal(x, y) for p, q in zip(alone[1], shared[1]) for x, y in zip(p, q))
+    for in_flight in (1, 4, 50):
+        monkeypatch.setattr(streaming, "IN_FLIGHT", in_flight)
+        shared = epoch()
+        assert len(alone[0]) == len(shared[0]) and all(torch.equal(x, y) for x, y in zip(alone[0], shared[0]))
+        assert len(alone[1]) == len(shared[1]) and all(torch.equal(x, y) for p, q in zip(alone[1], shared[1]) for x, y in zip(p, q))
+
+
+def test_batch_memory_is_used_again_only_once_nothing_holds_the_batch(cached, tiny_model, monkeypatch):
+    """A consumer that keeps some batches, views of others and numpy arrays over others while dropping the rest:
+    what it kept still equals an epoch whose batches were all kept (so none was written over), and the blocks of
+    dropped batches were handed out again (else this test would show nothing)."""
+    import workbench.streaming as streaming
+
+    store = cached[0]
+    site = "blocks.0.hook_resid_post"
+    reference = list(store.batches(tiny_model, site, 16, buffer_rows=400, seed=7))
+    made = []  # every block the readers make, held here so that their ids stay distinct
+    empty = np.empty
+
+    def counted(shape, dtype):
+        made.append(empty(shape, dtype))
+        return made[-1]
+
+    monkeypatch.setattr(streaming.np, "empty", counted)
+    kept = {}
+    for i, x in enumerate(store.batches(tiny_model, site, 16, buffer_rows=400, seed=7)):
+        if i % 8 == 0:
+            kept[i] = x
+        elif i % 8 == 1:
+            kept[i] = x[3:9]  # a view: keeps the whole batch's memory
+        elif i % 8 == 2:
+            kept[i] = x.numpy()[5:]  # numpy over the tensor
+        del x
+    monkeypatch.undo()
+    assert len(kept) == sum(1 for i in range(len(reference)) if i % 8 < 3)
+    for i, value in kept.items():
+        want = reference[i][3:9] if i % 8 == 1 else reference[i][5:] if i % 8 == 2 else reference[i]
+        assert torch.equal(torch.as_tensor(value), want), i
+    full = [m for m in made if m.shape == (16, reference[0].shape[1])]
+    assert len(full) < len(kept) + 16 < len(reference), (len(full), len(kept), len(reference))  # dropped batches' blocks came back
 
 
 def test_requested_dtype_and_device(cached, tiny_model):
