@@ -21,7 +21,8 @@ How a shuffled epoch is made, with memory bounded by the buffer, not the run:
    The last rows of a block open the next block's first batch.
 4. A background thread plans the epoch and hands the work to `READ_THREADS` workers
    (two where the process may use two cores): whole batches are gathered at once, up
-   to `IN_FLIGHT` ahead of the one the consumer is waiting for, and the next block's
+   to `IN_FLIGHT` ahead of the one the consumer is waiting for (fewer where they would
+   hold more than `IN_FLIGHT_BYTES`), and the next block's
    windows are mapped and checked while this block's batches are gathered. numpy's
    gather and sums release the GIL. Batches reach the consumer in order, the same
    batches whatever the number of workers. When a block's last batch is gathered its
@@ -65,7 +66,8 @@ MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 # does it all) where it may use one.
 READ_THREADS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
-IN_FLIGHT = 4  # batches a shuffled reader has handed to its workers beyond the one it is waiting for
+IN_FLIGHT = 4  # batches a shuffled reader has handed to its workers beyond the one it is waiting for ...
+IN_FLIGHT_BYTES = 32 * 2**20  # ... fewer where they would hold more than this (at least one)
 
 Columns = tuple[Tensor, ...]  # row-aligned tensors, one per selected column
 T = TypeVar("T")
@@ -110,6 +112,8 @@ def shuffled_batches(run: Run, columns: list[str], specs, start_row: int, max_ro
         with _workers(READ_THREADS) as workers:
             yield from batches(RunReader(run, columns, specs), workers)
 
+    ahead = max(1, min(IN_FLIGHT, IN_FLIGHT_BYTES // (batch_rows * _row_bytes(specs))))
+
     def batches(reader: RunReader, workers: "_Workers") -> Iterator[Columns]:
         inflight: collections.deque = collections.deque()  # per batch in order: its parts' futures (2 at a block boundary)
         open_parts: list = []  # the parts of the batch a block's last rows opened
@@ -141,7 +145,7 @@ def shuffled_batches(run: Run, columns: list[str], specs, start_row: int, max_ro
                 else:
                     part = [part]
                 inflight.append(part)
-                while len(inflight) > IN_FLIGHT:
+                while len(inflight) > ahead:
                     yield _joined(inflight.popleft())
             del maps  # this block's windows are unmapped once its last gathers are done
         if open_parts:
