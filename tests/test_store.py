@@ -199,22 +199,28 @@ def test_shuffled_batches_do_not_depend_on_the_reader_threads(cached, tiny_model
 def test_batch_memory_is_used_again_only_once_nothing_holds_the_batch(cached, tiny_model, monkeypatch):
     """A consumer that keeps some batches, views of others and numpy arrays over others while dropping the rest:
     what it kept still equals an epoch whose batches were all kept (so none was written over), and the blocks of
-    dropped batches were handed out again (else this test would show nothing)."""
+    dropped batches were handed out again (else this test would show nothing). Blocks of 300 rows do not hold a
+    whole number of 16-row batches, so every block boundary asks for two short parts: an epoch that keeps nothing
+    makes about as many blocks as the reader keeps, however many shapes it asks for and however long it is."""
     import workbench.streaming as streaming
 
     store = cached[0]
     site = "blocks.0.hook_resid_post"
-    reference = list(store.batches(tiny_model, site, 16, buffer_rows=400, seed=7))
+    reference = list(store.batches(tiny_model, site, 16, buffer_rows=300, seed=7))
     made = []  # every block the readers make, held here so that their ids stay distinct
     empty = np.empty
 
-    def counted(shape, dtype):
+    def counted(shape, dtype=float):
         made.append(empty(shape, dtype))
         return made[-1]
 
     monkeypatch.setattr(streaming.np, "empty", counted)
+    for x in store.batches(tiny_model, site, 16, buffer_rows=300, seed=7):
+        pass
+    del x
+    dropping = len(made)
     kept = {}
-    for i, x in enumerate(store.batches(tiny_model, site, 16, buffer_rows=400, seed=7)):
+    for i, x in enumerate(store.batches(tiny_model, site, 16, buffer_rows=300, seed=7)):
         if i % 8 == 0:
             kept[i] = x
         elif i % 8 == 1:
@@ -227,8 +233,9 @@ def test_batch_memory_is_used_again_only_once_nothing_holds_the_batch(cached, ti
     for i, value in kept.items():
         want = reference[i][3:9] if i % 8 == 1 else reference[i][5:] if i % 8 == 2 else reference[i]
         assert torch.equal(torch.as_tensor(value), want), i
-    full = [m for m in made if m.shape == (16, reference[0].shape[1])]
-    assert len(full) < len(kept) + 16 < len(reference), (len(full), len(kept), len(reference))  # dropped batches' blocks came back
+    keep = streaming.BatchBuffers().keep
+    assert dropping <= keep + 1 < len(reference) // 4, (dropping, len(reference))  # + 1: the one that evicts
+    assert len(made) - dropping < len(kept) + keep < len(reference), (len(made) - dropping, len(kept), len(reference))
 
 
 def test_requested_dtype_and_device(cached, tiny_model):

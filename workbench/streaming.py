@@ -68,6 +68,8 @@ READ_THREADS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffi
 
 IN_FLIGHT = 4  # batches a shuffled reader has handed to its workers beyond the one it is waiting for ...
 IN_FLIGHT_BYTES = 32 * 2**20  # ... fewer where they would hold more than this (at least one)
+READ_AHEAD = 2  # batches a reader's queue holds for the consumer
+RESERVE_BYTES = 64 * 2**20  # batch memory a shuffled reader makes up front (`BatchBuffers.reserve`), at most
 
 Columns = tuple[Tensor, ...]  # row-aligned tensors, one per selected column
 T = TypeVar("T")
@@ -96,7 +98,7 @@ def ordered_chunks(run: Run, columns: list[str], specs, start_row: int, max_rows
                 yield tuple(reader.keys(name, seg, a, b) if array is None else _tensor(np.array(array), storage)
                             for name, array, (_, storage) in zip(columns, arrays, specs))
 
-    return prefetched(produce, depth=2)
+    return prefetched(produce, depth=READ_AHEAD)
 
 
 def shuffled_batches(run: Run, columns: list[str], specs, start_row: int, max_rows: int | None, batch_rows: int,
@@ -110,7 +112,12 @@ def shuffled_batches(run: Run, columns: list[str], specs, start_row: int, max_ro
 
     def produce():
         with _workers(READ_THREADS) as workers:
-            yield from batches(RunReader(run, columns, specs), workers)
+            reader = RunReader(run, columns, specs)
+            # batches alive at once at most, unless the consumer keeps them: in flight (`ahead` + the one waited
+            # for, + one joined from two parts), one on its way into the read-ahead queue, the queue's, and the
+            # consumer's current and next
+            reader.buffers.reserve = min(ahead + 3 + READ_AHEAD + 2, max(2, RESERVE_BYTES // (batch_rows * _row_bytes(specs))))
+            yield from batches(reader, workers)
 
     ahead = max(1, min(IN_FLIGHT, IN_FLIGHT_BYTES // (batch_rows * _row_bytes(specs))))
 
@@ -146,14 +153,14 @@ def shuffled_batches(run: Run, columns: list[str], specs, start_row: int, max_ro
                     part = [part]
                 inflight.append(part)
                 while len(inflight) > ahead:
-                    yield _joined(inflight.popleft())
+                    yield _joined(inflight.popleft(), reader.buffers)
             del maps  # this block's windows are unmapped once its last gathers are done
         if open_parts:
             inflight.append(open_parts)
         while inflight:
-            yield _joined(inflight.popleft())
+            yield _joined(inflight.popleft(), reader.buffers)
 
-    return prefetched(produce, depth=2)
+    return prefetched(produce, depth=READ_AHEAD)
 
 
 def rebatch(chunks: Iterable[Columns], batch_rows: int) -> Iterator[Columns]:
@@ -221,9 +228,11 @@ class RunReader:
                 continue
             offset, rows, verified = self._layout(seg, name, info, width, storage)
             first, last = lo // chunk * chunk, min(-(-hi // chunk) * chunk, rows)  # the chunks the window covers
-            cover = self._map(seg, name, offset, first, last, width, storage)
-            self._check(seg, name, info, cover, first, chunk, verified)
-            out.append(cover[lo - first:hi - first])
+            if not verified[first // chunk:-(-last // chunk)].all():  # not all checked yet in this process
+                cover = self._map(seg, name, offset, first, last, width, storage)
+                self._check(seg, name, info, cover, first, chunk, verified)
+                del cover  # a window maps its own rows only: the whole chunks were for their checksums
+            out.append(self._map(seg, name, offset, lo, hi, width, storage))
         return out
 
     def keys(self, name: str, seg: Segment, a: int, b: int) -> Tensor:
@@ -327,33 +336,41 @@ class BatchBuffers:
     A fresh 4 MiB array per batch is memory the kernel must fault in and zero each time (glibc hands large
     blocks back to the system when they are freed): a second pass over every byte. A shuffled epoch of 1 KB
     rows ran at 3.0-3.3 GB/s that way against 3.6-4.6 with blocks used again (this 2-core VM). So the reader
-    keeps up to `keep` blocks of each shape and hands out a numpy *view* of one: the batch tensor
-    (`torch.from_numpy`), its views and anything made from them keep that view alive, and the block is handed out
-    again only once the view is gone (a weak reference to it is dead). When all kept blocks are held, a new block
-    is made and takes the place of the longest held one, which the reader forgets (its holder keeps it alive): a
-    consumer that keeps some batches never pins the reader to fresh memory for the rest.
+    keeps up to `keep` blocks of bytes, each as large as the largest batch asked for so far, and hands out a numpy
+    *view* of one shaped as asked: the batch tensor (`torch.from_numpy`), its views and anything made from them
+    keep that view alive, and the block is handed out again only once the view is gone (a weak reference to it
+    is dead). Any shape fits any block (a short batch at a block boundary takes a whole one), so memory kept is
+    at most `keep` full batches, however many shapes an epoch asks for. When all kept blocks are held, a new
+    block is made and takes the place of the longest held one, which the reader forgets (its holder keeps it
+    alive): a consumer that keeps some batches never pins the reader to fresh memory for the rest.
     """
 
-    def __init__(self, keep: int = 16):
+    def __init__(self, keep: int = 16, reserve: int = 0):
         self.keep = keep
-        self.blocks: dict[tuple, list[list]] = {}  # (shape, dtype) -> [[block, weak reference to its view]], oldest first
+        # Blocks made before any is used again, one per request: a reader that can have `reserve` batches alive at
+        # once touches them all in its first `reserve` batches, so its memory does not creep up over a long epoch
+        # each time the consumer happens to fall behind far enough to need one more.
+        self.reserve = min(reserve, keep)
+        self.blocks: list[list] = []  # [block (uint8), weak reference to the view over it], longest held first
+        self.size = 0  # bytes of the largest request so far: every block made since is this large
         self.lock = threading.Lock()  # workers gather batches at the same time
 
-    def empty(self, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        nbytes = math.prod(shape) * dtype.itemsize
         with self.lock:
-            held = self.blocks.setdefault((shape, dtype.str), [])
-            for i, entry in enumerate(held):
-                if entry[1]() is None:
-                    view = entry[0][...]
+            for i, entry in enumerate(self.blocks if len(self.blocks) >= self.reserve else ()):
+                if entry[1]() is None and len(entry[0]) >= nbytes:
+                    view = entry[0][:nbytes].view(dtype).reshape(shape)
                     entry[1] = weakref.ref(view)
-                    held.append(held.pop(i))  # most recently handed out last
+                    self.blocks.append(self.blocks.pop(i))  # most recently handed out last
                     return view
-            block = np.empty(shape, dtype=dtype)
-            view = block[...]
+            self.size = max(self.size, nbytes)
+            block = np.empty(self.size, dtype=np.uint8)
+            view = block[:nbytes].view(dtype).reshape(shape)
             if self.keep:
-                if len(held) >= self.keep:
-                    held.pop(0)
-                held.append([block, weakref.ref(view)])
+                if len(self.blocks) >= self.keep:
+                    self.blocks.pop(0)
+                self.blocks.append([block, weakref.ref(view)])
             return view
 
 
@@ -394,12 +411,20 @@ def _workers(count: int) -> Iterator["_Workers | _Inline"]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _joined(parts: list[Future]) -> Columns:
-    """The batch made of its parts' gathers, in order (one part, or two where it spans a block boundary)."""
+def _joined(parts: list[Future], buffers: BatchBuffers) -> Columns:
+    """The batch made of its parts' gathers, in order (one part, or two where it spans a block boundary); a joined
+    batch is written into `buffers` too, so a long epoch makes no fresh memory at its block boundaries."""
     results = [part.result() for part in parts]
     if len(results) == 1:
         return results[0]
-    return tuple(_cat(columns) for columns in zip(*results))
+    joined = []
+    for columns in zip(*results):
+        arrays = [_numpy(c) for c in columns]
+        out = buffers.empty((sum(len(a) for a in arrays), *arrays[0].shape[1:]), arrays[0].dtype)
+        np.concatenate(arrays, out=out)
+        x = torch.from_numpy(out)
+        joined.append(x.view(columns[0].dtype) if columns[0].dtype in (torch.float16, torch.bfloat16) else x)
+    return tuple(joined)
 
 
 # ====================================================================== read-ahead
