@@ -110,18 +110,17 @@ def shuffled_batches(run: Run, columns: list[str], specs, start_row: int, max_ro
     blocks = [[pieces[i] for i in order[g:g + PIECES]] for g in range(0, len(order), PIECES)]
     permute = np.random.default_rng([seed, 1])  # numpy's permutation is several times faster than torch.randperm here
 
+    batch_bytes = batch_rows * _row_bytes(specs)
+    ahead = max(1, min(IN_FLIGHT, IN_FLIGHT_BYTES // batch_bytes))
+    # batches alive at once at most, unless the consumer keeps them: in flight (`ahead` + the one waited for, + one
+    # joined from two parts), one on its way into the read-ahead queue, the queue's, and the consumer's current and next
+    reserve = min(ahead + 3 + READ_AHEAD + 2, max(2, RESERVE_BYTES // batch_bytes))
+
     def produce():
         with _workers(READ_THREADS) as workers:
-            reader = RunReader(run, columns, specs)
-            # batches alive at once at most, unless the consumer keeps them: in flight (`ahead` + the one waited
-            # for, + one joined from two parts), one on its way into the read-ahead queue, the queue's, and the
-            # consumer's current and next
-            reader.buffers.reserve = min(ahead + 3 + READ_AHEAD + 2, max(2, RESERVE_BYTES // (batch_rows * _row_bytes(specs))))
-            yield from batches(reader, workers)
+            yield from batches(RunReader(run, columns, specs, reserve), workers)
 
-    ahead = max(1, min(IN_FLIGHT, IN_FLIGHT_BYTES // (batch_rows * _row_bytes(specs))))
-
-    def batches(reader: RunReader, workers: "_Workers") -> Iterator[Columns]:
+    def batches(reader: RunReader, workers: "ThreadPoolExecutor | _Inline") -> Iterator[Columns]:
         inflight: collections.deque = collections.deque()  # per batch in order: its parts' futures (2 at a block boundary)
         open_parts: list = []  # the parts of the batch a block's last rows opened
         count = 0
@@ -148,10 +147,10 @@ def shuffled_batches(run: Run, columns: list[str], specs, start_row: int, max_ro
                     count += z - a
                     if count < batch_rows:
                         continue
-                    part, open_parts, count = open_parts, [], 0
+                    parts, open_parts, count = open_parts, [], 0
                 else:
-                    part = [part]
-                inflight.append(part)
+                    parts = [part]
+                inflight.append(parts)
                 while len(inflight) > ahead:
                     yield _joined(inflight.popleft(), reader.buffers)
             del maps  # this block's windows are unmapped once its last gathers are done
@@ -209,10 +208,10 @@ class RunReader:
     unmapped, and leave its resident memory, as soon as the window's arrays are dropped.
     """
 
-    def __init__(self, run: Run, columns: list[str], specs):
+    def __init__(self, run: Run, columns: list[str], specs, reserve: int = 0):
         self.run, self.columns, self.specs = run, columns, specs
         self.infos: dict[Segment, dict] = {}
-        self.buffers = BatchBuffers()
+        self.buffers = BatchBuffers(reserve=reserve)  # batch memory (`reserve`: see `BatchBuffers`)
         self.layouts: dict[tuple[Segment, str], tuple[int, int, np.ndarray]] = {}
 
     def window(self, seg: Segment, lo: int, hi: int) -> list[np.ndarray | None]:
@@ -374,18 +373,8 @@ class BatchBuffers:
             return view
 
 
-class _Workers(ThreadPoolExecutor):
-    """The `count` threads that map windows and gather batches for one shuffled reader."""
-
-    def __init__(self, count: int):
-        super().__init__(max_workers=count, thread_name_prefix="store-reader-worker")
-        self.count = count
-
-
 class _Inline:
-    """`_Workers` with no threads: each call runs at once in the reading thread (one core)."""
-
-    count = 0
+    """A thread pool with no threads: each call runs at once in the reading thread (one core)."""
 
     @staticmethod
     def submit(fn: Callable[..., T], *args) -> Future:
@@ -398,13 +387,13 @@ class _Inline:
 
 
 @contextlib.contextmanager
-def _workers(count: int) -> Iterator["_Workers | _Inline"]:
+def _workers(count: int) -> Iterator["ThreadPoolExecutor | _Inline"]:
     """`count` worker threads (none where the process may use one core), shut down on exit: tasks not started
     are cancelled, and those running are waited for."""
     if count <= 1:
         yield _Inline()
         return
-    pool = _Workers(count)
+    pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="store-reader-worker")
     try:
         yield pool
     finally:
@@ -417,14 +406,7 @@ def _joined(parts: list[Future], buffers: BatchBuffers) -> Columns:
     results = [part.result() for part in parts]
     if len(results) == 1:
         return results[0]
-    joined = []
-    for columns in zip(*results):
-        arrays = [_numpy(c) for c in columns]
-        out = buffers.empty((sum(len(a) for a in arrays), *arrays[0].shape[1:]), arrays[0].dtype)
-        np.concatenate(arrays, out=out)
-        x = torch.from_numpy(out)
-        joined.append(x.view(columns[0].dtype) if columns[0].dtype in (torch.float16, torch.bfloat16) else x)
-    return tuple(joined)
+    return tuple(_cat(columns, buffers) for columns in zip(*results))
 
 
 # ====================================================================== read-ahead
@@ -497,11 +479,14 @@ def _numpy(x: Tensor) -> np.ndarray:
     return x.view(torch.int16).numpy() if x.dtype in (torch.float16, torch.bfloat16) else x.numpy()
 
 
-def _cat(parts: Sequence[Tensor]) -> Tensor:
-    """torch.cat by numpy (single-threaded: torch's threaded copies were measured 10x slower on a busy machine)."""
+def _cat(parts: Sequence[Tensor], buffers: "BatchBuffers | None" = None) -> Tensor:
+    """torch.cat by numpy (single-threaded: torch's threaded copies were measured 10x slower on a busy machine), into
+    memory from `buffers` if given."""
     if len(parts) == 1:
         return parts[0]
-    out = torch.from_numpy(np.concatenate([_numpy(p) for p in parts]))
+    arrays = [_numpy(p) for p in parts]
+    out = None if buffers is None else buffers.empty((sum(len(a) for a in arrays), *arrays[0].shape[1:]), arrays[0].dtype)
+    out = torch.from_numpy(np.concatenate(arrays, out=out))
     return out.view(parts[0].dtype) if parts[0].dtype in (torch.float16, torch.bfloat16) else out
 
 
