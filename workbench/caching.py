@@ -690,12 +690,21 @@ def npy_header(dtype: np.dtype, rows: int, width: int) -> bytes:
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
 
 
+def anonymous_map(size: int) -> mmap.mmap:
+    """`size` bytes of private anonymous memory, outside malloc's heaps: its pages are faulted in as they are first
+    written and go back to the kernel when the map is closed or collected. (`mmap.mmap(-1, size)` alone maps shared
+    memory, which the kernel keeps as shmem.)"""
+    if hasattr(mmap, "MAP_PRIVATE"):
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
+    return mmap.mmap(-1, size)
+
+
 class Stage:
     """A page-aligned staging buffer (an anonymous `mmap`), with byte views for numpy and torch."""
 
     def __init__(self, size: int):
         self.size = size
-        self.buffer = mmap.mmap(-1, size)
+        self.buffer = anonymous_map(size)
         self.numpy = np.frombuffer(self.buffer, dtype=np.uint8)
         self.torch = torch.from_numpy(self.numpy)
 
@@ -872,9 +881,12 @@ class SegmentWriter:
         # The segment's token ids, for its token table and shard: one buffer for the whole segment (its pages are
         # touched only as rows arrive), not a small tensor kept per batch. Those stayed alive for the whole segment
         # between the forward pass's large temporaries and fragmented the heap, so the job's memory crept up with
-        # the tokens cached.
+        # the tokens cached. The buffer is mapped outside malloc's heap too: with the workbench's malloc settings
+        # (no block is mmapped) a block made and freed once a segment landed between the forward pass's
+        # temporaries in the main heap.
         self.first = first
-        self.token_ids = np.empty((manifest.segment_sequences, manifest.context), dtype=np.int32)
+        ids = anonymous_map(manifest.segment_sequences * manifest.context * 4)
+        self.token_ids = np.frombuffer(ids, dtype=np.int32).reshape(manifest.segment_sequences, manifest.context)
         self.rows = 0
         self.error: BaseException | None = None
         self.files: dict[str, SiteFile] = {}
