@@ -480,6 +480,10 @@ def test_staging_memory_is_bounded_whatever_the_number_of_sites():
             assert count == (3 + extra) * sites
             assert pool.size % SiteFile.ALIGN == 0 and 16 * SiteFile.ALIGN <= pool.size <= STAGE_BYTES
             assert count * pool.size <= STAGE_BUDGET or pool.size == 16 * SiteFile.ALIGN
+    # a small job's buffers hold what its largest site file will (whole pages, at least two: the header's and one)
+    page = SiteFile.ALIGN
+    for most, size in ((1, 2 * page), (page + 1, 2 * page), (5 * page, 5 * page), (5 * page + 3, 6 * page), (10**9, STAGE_BYTES)):
+        assert stage_pool(3, 1, most).size == size, most
 
 
 def test_segments_hold_at_most_segment_max_tokens(tmp_path, tiny_model, corpus, monkeypatch):
