@@ -216,7 +216,7 @@ def test_batch_memory_is_used_again_only_once_nothing_holds_the_batch(cached, ti
 
     monkeypatch.setattr(streaming.np, "empty", counted)
     for x in store.batches(tiny_model, site, 16, buffer_rows=300, seed=7):
-        pass
+        pass  # an epoch that keeps nothing: each batch is dropped as the next one arrives
     del x
     dropping = len(made)
     kept = {}

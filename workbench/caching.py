@@ -695,12 +695,11 @@ def npy_header(dtype: np.dtype, rows: int, width: int) -> bytes:
 def anonymous_map(size: int, populate: bool = False) -> mmap.mmap:
     """`size` bytes of private anonymous memory, outside malloc's heaps: its pages are faulted in as they are first
     written (all of them at once with `populate`) and go back to the kernel when the map is closed or collected.
-    (`mmap.mmap(-1, size)` alone maps shared memory, which the kernel keeps as shmem.)"""
+    (`mmap.mmap(-1, size)` alone maps shared memory, which the kernel keeps as shmem; for file descriptor -1 Python
+    adds `MAP_ANONYMOUS` itself.)"""
     if hasattr(mmap, "MAP_PRIVATE"):
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
-        if populate:
-            flags |= getattr(mmap, "MAP_POPULATE", 0)
-        return mmap.mmap(-1, size, flags=flags)
+        populating = getattr(mmap, "MAP_POPULATE", 0) if populate else 0
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | populating)
     return mmap.mmap(-1, size)
 
 
