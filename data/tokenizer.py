@@ -15,6 +15,7 @@ from typing import Iterable
 from data.tasks import DataError
 
 SPECIAL = "<|endoftext|>"
+DIGIT_PAIRS = r" ?\d\d"  # isolated before GPT-2's split: " 1732" is " 17" + "32"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, required: Iterable[str] = ()):
@@ -25,7 +26,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, required: Iterable[st
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(r" ?\d\d"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(DIGIT_PAIRS), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
     )

@@ -63,15 +63,21 @@ def test_token_chunks_against_a_plain_concatenation(tokenizer):
         list(token_chunks(tokenizer, docs, 1))
 
 
-def test_grouped_fast_encoding_gives_the_ids_of_one_call_per_document(tokenizer, monkeypatch):
-    """`encoded_documents` (groups of documents through the Rust backend's `encode_batch_fast`) against the plain
-    `tokenizer(doc, add_special_tokens=False)` per document, on the reference corpus and on awkward text (special
-    tokens written out, empty documents, unicode, runs of spaces and digits), with groups split mid-stream."""
+@pytest.mark.parametrize("tiktoken_path", [True, False])
+def test_grouped_fast_encoding_gives_the_ids_of_one_call_per_document(tokenizer, monkeypatch, tiktoken_path):
+    """`encoded_documents` (groups of documents through tiktoken, `data.fast_bpe`, or with that path off through the
+    Rust backend's `encode_batch_fast`) against the plain `tokenizer(doc, add_special_tokens=False)` per document, on
+    the reference corpus and on awkward text (special tokens written out, empty documents, unicode, runs of spaces
+    and digits), with groups split mid-stream."""
     import itertools
 
     import data.corpus as corpus
+    import data.fast_bpe as fast_bpe
     from data.corpus import encoded_documents
 
+    assert fast_bpe.fast_encoder(tokenizer) is not None, fast_bpe.why_not(tokenizer)
+    if not tiktoken_path:
+        monkeypatch.setattr(fast_bpe, "fast_encoder", lambda tok: None)
     assert corpus._fast_backend(tokenizer) is not None, "the test tokenizer is a fast one: the grouped path is tested"
     monkeypatch.setattr(corpus, "GROUP_CHARS", 5000)
     awkward = ["", "<|endoftext|> after the end", "ünïcode 中文 \u2028 tabs\t\tand  spaces   ", "1732 to 1756, 0.5e-3",
@@ -99,16 +105,13 @@ def test_token_chunks_with_a_limit_give_the_same_rows_and_tokenize_little_past_t
     assert len(everything) > 2000
 
     sent = []
-    backend = corpus._fast_backend(tokenizer)
+    encode = corpus._group_encoder(tokenizer)
 
-    class Counting:  # the real backend, counting the characters of every group it encodes
-        truncation = padding = None
+    def counting(group):  # the real group encoder, counting the characters of every group it encodes
+        sent.append(sum(map(len, group)))
+        return encode(group)
 
-        def encode_batch_fast(self, group, add_special_tokens):
-            sent.append(sum(map(len, group)))
-            return backend.encode_batch_fast(group, add_special_tokens=add_special_tokens)
-
-    monkeypatch.setattr(corpus, "_fast_backend", lambda tok: Counting())
+    monkeypatch.setattr(corpus, "_group_encoder", lambda tok: counting)
     for limit in (0, 1, 7, 300, 2000, len(everything), len(everything) + 50):
         sent.clear()
         rows = list(token_chunks(tokenizer, docs, 64, limit=limit))
