@@ -28,7 +28,8 @@ concatenation is a token, with the token's rank as priority, where Hugging Face 
 4. Added tokens written in the text are matched first by both. They must not be able to overlap one another (then
    every way of scanning for them finds the same matches) and must have no strip or single-word rules.
 
-Anything else (a normalizer, other splits, SentencePiece-style models, byte fallback, dropout) returns None.
+Anything else (a normalizer, other splits, SentencePiece-style models, byte fallback, dropout, `ignore_merges`)
+returns None. Text with lone surrogates, which the tokenizer refuses, is encoded with them replaced.
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def _from_spec(spec: str) -> "FastEncoder | str":
     if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") \
             or model.get("byte_fallback"):
         return "its BPE has dropout, subword affixes or byte fallback"
+    if model.get("ignore_merges"):  # a word in the vocabulary skips the merges: check 2 below would not hold
+        return "its BPE takes whole words from the vocabulary before merging"
     added = j.get("added_tokens") or []
     if any(a.get("lstrip") or a.get("rstrip") or a.get("single_word") for a in added):
         return "an added token strips spaces or matches single words only"

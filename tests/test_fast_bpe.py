@@ -118,6 +118,8 @@ def test_a_token_the_merges_never_make_is_left_out_and_the_ids_stay_the_same():
     (lambda t: setattr(t, "pre_tokenizer", __import__("tokenizers").pre_tokenizers.Whitespace()), "pre-tokenizer"),
     (lambda t: setattr(t, "pre_tokenizer", __import__("tokenizers").pre_tokenizers.ByteLevel(add_prefix_space=True)),
      "pre-tokenizer"),
+    (lambda t: setattr(t.model, "ignore_merges", True), "whole words"),
+    (lambda t: setattr(t.model, "dropout", 0.1), "dropout"),
     (lambda t: t.add_tokens(["<|end", "end|>"]), "overlap"),
     (lambda t: t.add_tokens([__import__("tokenizers").AddedToken("<pad>", lstrip=True)]), "strips"),
 ])
