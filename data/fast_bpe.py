@@ -2,7 +2,8 @@
 
 tiktoken's encoder keeps ids only (no offsets, no token strings, no per-token allocations) and tokenizes the
 reference corpus 2.5-3 times as fast as the `tokenizers` backend on the same two cores (`benchmarks/tokenize_bench.py`:
-1.0 s against 3.1 s for its 3.3M tokens, medians of 5 alternating rounds). The cache job tokenizes between forward passes, so this time is part of what caching costs.
+1.0 s against 3.1 s for its 3.3M tokens, medians of 5 alternating rounds). The cache job tokenizes between forward
+passes, so this time is part of what caching costs.
 
 `fast_encoder(tokenizer)` returns an encoder only when its ids are provably those of `tokenizer(text,
 add_special_tokens=False)`, and None (with `why_not` saying why) otherwise; callers then use the tokenizer itself.
