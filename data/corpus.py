@@ -217,9 +217,10 @@ def _fast_backend(tokenizer):
 def _group_encoder(tokenizer):
     """A function from a list of documents to their ids, or None when `tokenizer` must be called per document.
 
-    tiktoken (`data.fast_bpe`) when it gives the tokenizer's ids: it tokenizes the reference corpus about 2.5 times
-    as fast as the backend on two cores, keeping ids only. Else the backend's `encode_batch_fast`, which skips the
-    offsets `tokenizer(...)` would compute (about 1.8 times as fast as one call per document on two cores).
+    tiktoken (`data.fast_bpe`) when it gives the tokenizer's ids: it tokenizes the reference corpus 2.5-3 times as
+    fast as the backend on two cores (`benchmarks/tokenize_bench.py`), keeping ids only. Else the backend's
+    `encode_batch_fast`, which skips the offsets `tokenizer(...)` would compute (about 1.8 times as fast as one call
+    per document on two cores).
     """
     from data.fast_bpe import fast_encoder
 
