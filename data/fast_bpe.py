@@ -39,6 +39,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -75,6 +76,8 @@ class FastEncoder:
         self.threads = max(1, threads)
         self.allowed = encoding.special_tokens_set
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0  # the process the pool's threads live in: a forked child has none of them
+        self._lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode(text, allowed_special=self.allowed)
@@ -93,10 +96,16 @@ class FastEncoder:
             if size >= share * len(cuts) and len(cuts) < self.threads:
                 cuts.append(i + 1)
         cuts.append(len(texts))
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bpe")
-        parts = self._pool.map(self._encode_all, [texts[a:b] for a, b in zip(cuts, cuts[1:]) if b > a])
+        parts = self._workers().map(self._encode_all, [texts[a:b] for a, b in zip(cuts, cuts[1:]) if b > a])
         return [ids for part in parts for ids in part]
+
+    def _workers(self) -> ThreadPoolExecutor:
+        """The thread pool, made again in a process forked after it was made (the child inherits the pool object but
+        not its threads, and work handed to it would wait forever)."""
+        with self._lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool, self._pool_pid = ThreadPoolExecutor(self.threads, thread_name_prefix="bpe"), os.getpid()
+            return self._pool
 
 
 def fast_encoder(tokenizer) -> FastEncoder | None:

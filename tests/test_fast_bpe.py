@@ -113,6 +113,32 @@ def test_a_token_the_merges_never_make_is_left_out_and_the_ids_stay_the_same():
     assert naive.encode("abc") == [vocab["abc"]] != hf("abc", add_special_tokens=False)["input_ids"]
 
 
+def test_a_process_forked_after_the_thread_pool_was_made_still_encodes(ref_tokenizer):
+    """A forked child inherits the encoder (it is cached per tokenizer) but not its pool's threads: it must make its
+    own pool rather than hand work to threads that do not exist there (which would wait forever)."""
+    import multiprocessing
+
+    fast = fast_encoder(ref_tokenizer)
+    texts = _random_texts(3000, seed=5) * 3  # past the size encoded inline: the pool is used
+    expected = fast.encode_batch(texts)
+    if fast.threads == 1:
+        pytest.skip("one core: the encoder uses no threads")
+
+    def child(queue):
+        queue.put(fast.encode_batch(texts) == expected)
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child, args=(queue,))
+    proc.start()
+    proc.join(60)
+    alive = proc.is_alive()
+    if alive:
+        proc.kill()
+    assert not alive, "the forked child hung encoding"
+    assert queue.get(timeout=5) is True
+
+
 @pytest.mark.parametrize("change, reason", [
     (lambda t: setattr(t, "normalizer", __import__("tokenizers").normalizers.NFKC()), "normalizes"),
     (lambda t: setattr(t, "pre_tokenizer", __import__("tokenizers").pre_tokenizers.Whitespace()), "pre-tokenizer"),
