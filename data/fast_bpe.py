@@ -83,7 +83,7 @@ class FastEncoder:
         return self.encoding.encode(text, allowed_special=self.allowed)
 
     def _encode_all(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.encoding.encode(t, allowed_special=self.allowed) for t in texts]
+        return [self.encode(t) for t in texts]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """The ids of each text; the texts are dealt to the threads in contiguous runs of about equal characters."""
