@@ -184,7 +184,8 @@ def _from_spec(spec: str) -> "FastEncoder | str":
     if len(set(ranks.values())) != len(ranks):
         return "two tokens share an id"
     special_ids = {a["content"]: a["id"] for a in added}
-    encoding = tiktoken.Encoding("workbench-" + hashlib.sha256(spec.encode()).hexdigest()[:12], pat_str=split, mergeable_ranks=ranks, special_tokens=special_ids)
+    name = "workbench-" + hashlib.sha256(spec.encode()).hexdigest()[:12]
+    encoding = tiktoken.Encoding(name, pat_str=split, mergeable_ranks=ranks, special_tokens=special_ids)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return FastEncoder(encoding, threads=min(8, cores))
 

@@ -87,7 +87,8 @@ def test_a_token_the_merges_never_make_is_left_out_and_the_ids_stay_the_same():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(_byte_decoder(), key=lambda ch: _byte_decoder()[ch])
+    byte_of = _byte_decoder()
+    alphabet = sorted(byte_of, key=byte_of.get)
     vocab = {"<|endoftext|>": 0, **{ch: i + 1 for i, ch in enumerate(alphabet)}}
     merges = [("a", "b"), ("b", "c"), ("a", "bc"), ("Ġ", "a")]
     for a, b in merges:
