@@ -80,7 +80,8 @@ def main() -> None:
 
 def from_tiktoken_ranks(path: Path):
     """A Hugging Face byte-level BPE tokenizer (GPT-2's split, `<|endoftext|>` after the last rank) from a `.tiktoken`
-    file of `base64-token rank` lines."""
+    file of `base64-token rank` lines. Not transformers' `TikTokenConverter`: it lists every split of a token as a
+    merge, where GPT-2's own tokenizer lists one, the one recovered here."""
     import base64
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

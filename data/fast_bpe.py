@@ -57,14 +57,10 @@ _DIGIT_PAIRS_THEN_GPT2 = (DIGIT_PAIRS + r"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?
 
 
 def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: the printable character standing for each byte."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = {b: b for b in keep}
-    extra = 256
-    for b in range(256):
-        if b not in chars:
-            chars[b], extra = extra, extra + 1
-    return {chr(c): b for b, c in chars.items()}
+    """GPT-2's byte-level alphabet: the printable character standing for each byte, mapped to that byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 class FastEncoder:
