@@ -7,6 +7,7 @@ each test reads it back a different way. Float32 rows must equal
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import tempfile
@@ -533,3 +534,5 @@ def test_chunks_are_checked_once_per_process_and_file_version(tmp_path, tiny_mod
         f.write(b"\x12\x34\x56\x78")
     with pytest.raises(WorkbenchError, match="checksum"):
         list(store.batches(tiny_model, site, 50, seed=3))
+    versions = [key for key in streaming.VERIFIED if key[0] == os.fspath(path)]
+    assert len(versions) == 1 and versions[0][-2] == os.stat(path).st_mtime_ns  # the damaged version replaced the old

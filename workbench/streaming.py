@@ -79,7 +79,8 @@ T = TypeVar("T")
 # (damage included) gives the file a new mtime and ctime, hence a new key and a fresh check; so a later epoch in the
 # same process skips the checksum pass over bytes already checked, which was a quarter of a warm shuffled epoch
 # (2.7-3.0 GB/s instead of 1.9-2.3). Like DuckDB's buffer pool, it does not see bit rot under a file the process
-# has already checked; a new process checks everything again.
+# has already checked; a new process checks everything again. One version per path is kept (a newer one replaces
+# it), so a long-lived process (the app) that sees runs re-cached does not collect flags for files long gone.
 VERIFIED: dict[tuple, np.ndarray] = {}
 _VERIFIED_LOCK = threading.Lock()
 
@@ -325,6 +326,8 @@ def _verified_flags(path, chunks: int) -> np.ndarray:
     with _VERIFIED_LOCK:
         flags = VERIFIED.get(key)
         if flags is None or len(flags) != chunks:
+            for stale in [k for k in VERIFIED if k[0] == key[0] and k != key]:  # older versions of this path: gone
+                del VERIFIED[stale]
             flags = VERIFIED[key] = np.zeros(chunks, dtype=bool)
         return flags
 
