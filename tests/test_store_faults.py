@@ -241,6 +241,48 @@ def test_corrupt_segment_gives_a_clear_error_and_the_rest_stays_readable(tmp_pat
     assert_matches_fresh_forward(tiny_model, corpus, ws, 12)
 
 
+def test_a_write_failing_after_the_segment_finished_leaves_no_temporary_directory(tmp_path, tiny_model, corpus, monkeypatch):
+    """A staging buffer's write that fails once its segment has been handed to publishing (the writer thread was
+    behind) skips the publishing; the job must still delete that segment's temporary directory, and resume after.
+
+    Oracle: the run directory's listing, and a fresh forward pass after the re-run. Staging buffers are made small
+    so a segment's values need several writes, and every write waits until the segment has finished."""
+    import errno
+    import threading
+
+    import workbench.caching as caching
+
+    store = ActivationStore(tmp_path / "ws")
+    kwargs = dict(corpus=str(corpus), context=CTX, batch_size=BATCH, segment_tokens=4 * CTX, progress=False)
+    store.cache(tiny_model, SITES, 4 * CTX, **kwargs)
+    finished = threading.Event()
+    real_finish = caching.SegmentWriter.finish
+
+    def finish(self, *args):
+        real_finish(self, *args)
+        finished.set()
+
+    def full_disk(self, stage, length, offset):
+        try:
+            assert finished.wait(30), "the segment never finished"
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        finally:
+            self.pool.give(stage)
+
+    monkeypatch.setattr(caching, "STAGE_BYTES", 2 * caching.SiteFile.ALIGN)  # 4 sequences: 4 pages a site
+    monkeypatch.setattr(caching.SegmentWriter, "finish", finish)
+    monkeypatch.setattr(caching.SiteFile, "write", full_disk)
+    with pytest.raises(WorkbenchError, match="disk full") as e:
+        store.cache(tiny_model, SITES, 12 * CTX, **kwargs)
+    assert "re-run" in str(e.value)
+    segments = store.run(tiny_model, SITES).segments
+    assert [(s.first, s.end) for s in segments] == [(0, 4)]
+    assert not list(segments[0].path.parent.glob(".seg-*"))
+    monkeypatch.undo()
+    store.cache(tiny_model, SITES, 12 * CTX, **kwargs)
+    assert_matches_fresh_forward(tiny_model, corpus, tmp_path / "ws", 12)
+
+
 def test_a_wait_interrupted_by_ctrl_c_still_waits_for_the_writer(tmp_path, monkeypatch):
     """Ctrl-C inside `SegmentWriter.wait` must not mark the writer finished while its thread still works.
 

@@ -396,8 +396,10 @@ class _CacheJob:
             # running when the interpreter shut down took the process down with SIGABRT (see `SegmentWriter.wait`).
             for w in self.writers:
                 if w.finishing:  # a complete segment: let it land (it is whole or not there at all)
-                    with contextlib.suppress(Exception):
+                    try:
                         w.wait()
+                    except Exception:  # a write queued before its publishing failed, so it never published:
+                        w.abort()  # delete what it left (abort only removes files once the thread is through)
                 else:
                     w.abort()
 
