@@ -297,6 +297,20 @@ def test_catalog_tokens_and_sql(cached, tiny_model):
     assert np.allclose(top["a"].to_numpy(), values.topk(5).values.numpy(), rtol=0, atol=0)
     rows = top["seq_id"].to_numpy() * CTX + top["pos"].to_numpy()
     assert top["token"].tolist() == tokens.reshape(-1)[rows].tolist()
+    # the view pairs each segment's token table with its site files by position: every row, and rows picked by
+    # filters DuckDB may push towards the scans (seq_id, pos, token, a value), against the oracle
+    unit = oracle["blocks.0.hook_mlp_out"]
+    query = 'SELECT seq_id, pos, token, "blocks.0.hook_mlp_out" AS x FROM activations {} ORDER BY seq_id, pos'
+    common = int(np.bincount(tokens.reshape(-1).numpy()).argmax())
+    high = float(unit[:, 2].quantile(0.9))
+    for where in ("", "WHERE seq_id = 7", "WHERE seq_id BETWEEN 12 AND 20 AND pos = 5", f"WHERE token = {common}",
+                  f'WHERE "blocks.0.hook_mlp_out"[3] > {high}'):
+        picked = store.sql(query.format(where), model=tiny_model)
+        rows = picked["seq_id"].to_numpy() * CTX + picked["pos"].to_numpy()
+        assert len(picked) > 0 and len(set(rows // (SEGMENT_SEQS * CTX))) >= (1 if "=" in where[:20] else 2), where
+        assert picked["token"].tolist() == tokens.reshape(-1)[rows].tolist(), where
+        assert torch.equal(torch.tensor(np.stack(picked["x"].to_numpy())), unit[rows]), where
+    assert len(store.sql(query.format(""), model=tiny_model)) == SEQS * CTX
 
 
 def test_progress_record(cached, tiny_model):

@@ -229,3 +229,49 @@ def test_cli_errors_are_one_line(tmp_path, model_dirs, corpus):
     assert not (tmp_path / "ws" / "store").exists()
     code, err = run("--sites", SITES[0], "--tokens", "2k", "--corpus", str(corpus), "--context", "32")
     assert code == 0
+
+
+def test_sql_over_a_segment_whose_token_table_lost_rows_is_refused(store, tiny_model, corpus):
+    """The `activations` view pairs a segment's token table with its site files by position: a token table whose row
+    count differs from the site files' is damage, named in one line, never a silently shifted pairing."""
+    import duckdb
+
+    cache(store, tiny_model, corpus, tokens=4 * CTX, segment_tokens=2 * CTX)
+    seg = store.run(tiny_model, SITES).segments[1]
+    with duckdb.connect(str(seg.path / "tokens.duckdb")) as con:
+        con.execute("DELETE FROM tokens WHERE seq_id = ? AND pos = 0", [seg.first])
+    with pytest.raises(WorkbenchError, match="damaged") as e:
+        store.sql("SELECT count(*) FROM activations", model=tiny_model)
+    assert seg.path.name in one_line(e) and "tokens.duckdb" in one_line(e) and f"{2 * CTX - 1} rows" in one_line(e)
+
+
+def test_sql_over_more_segments_than_the_open_file_limit_allows(store, tiny_model, corpus, tmp_path):
+    """Each segment's token file stays open while the view is: the soft limit on open files is raised (towards the
+    hard limit) when a run needs more, and a hard limit too low gives one line saying what to raise.
+
+    Oracle: the same query in a child process whose soft limit is below the run's segment count, which fails with
+    too many open files unless the limit is raised."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    segments = 40
+    cache(store, tiny_model, corpus, tokens=segments * CTX, segment_tokens=CTX)
+    assert len(store.run(tiny_model, SITES).segments) == segments
+    code = ("import resource, sys; from workbench.store import ActivationStore; from workbench.model import load_model\n"
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({{soft}}, {{hard}}))\n"
+            f"store = ActivationStore({str(store.workspace.root)!r})\n"
+            f"n = store.sql('SELECT count(*) AS n FROM activations', model={model_name(tiny_model)!r}).n[0]\n"
+            "print(n, resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    root = Path(__file__).resolve().parents[1]
+
+    def child(soft: int, hard: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code.format(soft=soft, hard=hard)], cwd=root, capture_output=True, text=True, timeout=300)
+
+    done = child(segments, 4096)  # fewer files than segments, before anything else the process opens
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(segments * CTX), str(segments + 256)]
+    refused = child(segments, segments + 100)
+    assert refused.returncode != 0
+    last = refused.stderr.strip().splitlines()[-1]
+    assert f"has {segments} segments" in last and "ulimit -Hn" in last and str(segments + 256) in last, last
