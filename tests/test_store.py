@@ -274,6 +274,31 @@ def test_sixteen_bit_storage_equals_the_forward_pass_cast(tmp_path, tiny_model, 
     assert torch.equal(decoded, oracle["blocks.1.hook_mlp_out"].to(torch_dtype).float())
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_sixteen_bit_batches_the_consumer_keeps_stay_intact(tmp_path, tiny_model, corpus, dtype):
+    """Every shuffled batch of a 16-bit run kept at once (a list): as stored, as float32, and aligned pairs, each
+    epoch holds every row once, equal to the forward pass cast. Oracle: the fresh forward pass. The reader's batch
+    memory is handed out again once a batch is gone, so a batch whose memory it thought free was written over."""
+    store = ActivationStore(tmp_path / "ws")
+    sites = ["blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"]
+    store.cache(tiny_model, sites, 10 * CTX, corpus=str(corpus), context=CTX, dtype=dtype, batch_size=BATCH, progress=False)
+    run = store.run(tiny_model, sites)
+    oracle = fresh_forward(tiny_model, expected_tokens(tiny_model, corpus, 10), sites, run)
+    torch_dtype = getattr(torch, dtype)
+
+    def rows(x: torch.Tensor) -> list[bytes]:  # the epoch's rows as a multiset
+        return sorted(r.tobytes() for r in x.float().numpy())
+
+    want = {s: rows(oracle[s].to(torch_dtype)) for s in sites}
+    for out in (torch_dtype, torch.float32):
+        batches = list(store.batches(tiny_model, sites[1], 8, dtype=out, buffer_rows=64, seed=1))
+        assert len(batches) == 10 * CTX // 8 and all(b.dtype == out for b in batches)  # more than the 16 blocks kept
+        assert rows(torch.cat(batches)) == want[sites[1]]
+    pairs = list(store.pairs(tiny_model, sites[0], sites[1], 8, dtype=torch_dtype, buffer_rows=64, seed=2))
+    joined = torch.cat([torch.cat([a, b], dim=1) for a, b in pairs])
+    assert rows(joined) == rows(torch.cat([oracle[s].to(torch_dtype) for s in sites], dim=1))
+
+
 def test_catalog_tokens_and_sql(cached, tiny_model):
     store, _, run, tokens, oracle = cached
     catalog = store.catalog()

@@ -471,9 +471,11 @@ def prefetched(produce: Callable[[], Iterator[T]], depth: int) -> Iterator[T]:
 
 # ====================================================================== small helpers
 def _tensor(a: np.ndarray, storage: Storage | None) -> Tensor:
-    """A tensor over `a` (raw 16-bit words viewed as float16/bfloat16)."""
+    """A tensor over `a` (raw 16-bit words viewed as float16/bfloat16) that keeps `a` itself alive: `BatchBuffers`
+    hands a block out again once its view `a` is gone. (A numpy view of `a`, `a.view(np.int16)`, has as its base
+    the block, not `a`, so a tensor over it let `a` die at once and the block be reused under a batch still held.)"""
     if a.dtype == np.uint16:
-        return torch.from_numpy(a.view(np.int16)).view(storage.torch_dtype)
+        return torch.from_numpy(a).view(storage.torch_dtype)
     return torch.from_numpy(a)
 
 
