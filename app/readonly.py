@@ -26,7 +26,7 @@ from typing import NamedTuple
 import duckdb
 import pandas as pd
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, one_line
 from workbench.workspace import Workspace
 
 MAX_ROWS = 10_000
@@ -46,7 +46,7 @@ def check_readonly(query: str) -> str:
     try:
         statements = duckdb.connect(":memory:").extract_statements(query)
     except duckdb.Error as e:
-        raise WorkbenchError(f"the query does not parse: {_one_line(e)}") from None
+        raise WorkbenchError(f"the query does not parse: {one_line(e, 400)}") from None
     if len(statements) != 1:
         raise WorkbenchError(f"write exactly one statement (this text holds {len(statements)}); only SELECT queries run here")
     kind = statements[0].type
@@ -74,7 +74,7 @@ def run_readonly(ws: Workspace, query: str, max_rows: int = MAX_ROWS, timeout_s:
         except duckdb.InterruptException:
             raise WorkbenchError(f"the query ran past {timeout_s:g} s and was stopped; add a LIMIT or a WHERE") from None
         except duckdb.Error as e:
-            raise WorkbenchError(_one_line(e)) from None
+            raise WorkbenchError(one_line(e, 400)) from None
         finally:
             timer.cancel()
     return QueryResult(frame, truncated, time.perf_counter() - start)
@@ -109,7 +109,3 @@ def _fetch(con: duckdb.DuckDBPyConnection, query: str, max_rows: int) -> tuple[p
             break
     table = pa.Table.from_batches(batches, schema=reader.schema) if batches else reader.schema.empty_table()
     return table.slice(0, max_rows).to_pandas(), rows > max_rows
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:400]

@@ -182,6 +182,17 @@ def test_reading_what_is_not_there(store, tiny_model, corpus):
         next(store.batches(tiny_model, SITES[0], 0, run="a"))
     with pytest.raises(WorkbenchError, match="no rows selected"):
         next(store.batches(tiny_model, SITES[0], 8, run="a", start_row=10**6))
+    with pytest.raises(WorkbenchError, match="no rows selected"):  # scan says so too, rather than yield nothing
+        next(store.scan(tiny_model, SITES[0], 8, run="a", start_row=10**6))
+    # the delivery is checked before anything is read: an integer dtype would truncate the values
+    with pytest.raises(WorkbenchError, match="not a floating-point type") as e:
+        next(store.batches(tiny_model, SITES[0], 8, run="a", dtype=torch.int64))
+    one_line(e)
+    for device, says in (("gpu0", "bad device 'gpu0'"), ("cuda:99", "'cuda:99' asked for")):  # cuda:99 on any machine
+        for read in (store.batches, store.scan):
+            with pytest.raises(WorkbenchError, match=says) as e:
+                next(read(tiny_model, SITES[0], 8, run="a", device=device))
+            one_line(e)
     with pytest.raises(WorkbenchError, match="not in run"):
         store.tokens(tiny_model, [0, 99], run="a")
     with pytest.raises(WorkbenchError, match="SQL error"):

@@ -46,6 +46,10 @@ def test_readers_cannot_write(workspace):
         with pytest.raises(Exception):
             con.execute("INSERT INTO db0.main.runs VALUES (2)")
     assert workspace.sql("SELECT count(*) AS n FROM runs")["n"].item() == 1
+    for query, says in (("SELECT nope FROM runs", "nope"), ("SELECT * FROM no_such_table", "no_such_table"), ("SELEC 1", "syntax")):
+        with pytest.raises(WorkbenchError, match="SQL error") as e:  # DuckDB's multi-line errors, as one line
+            workspace.sql(query)
+        assert "\n" not in str(e.value) and says in str(e.value), str(e.value)
 
 
 def test_reader_process_open_while_writer_process_publishes(tmp_path):

@@ -63,6 +63,7 @@ import torch
 from torch import Tensor
 
 from workbench.errors import WorkbenchError
+from workbench.errors import one_line as _one_line
 from workbench.store import (
     CATALOG_TABLE,
     STORAGE,
@@ -1138,11 +1139,6 @@ def _fsync_dir(directory: Path) -> None:
 
 def _show(value) -> str:
     return ",".join(value) if isinstance(value, tuple) else repr(value)
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] if text else type(e).__name__
 
 
 # ====================================================================== the command

@@ -29,6 +29,7 @@ import torch
 from data import BUNDLED_MODELS, bundled_model_dir, hub_reachable
 from workbench.allocator import tune_malloc
 from workbench.errors import WorkbenchError
+from workbench.errors import one_line as _one_line
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -254,6 +255,3 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] if text else type(e).__name__

@@ -3,10 +3,11 @@
 Layout (full schema and SQL examples in docs/store.md):
 
     <workspace>/store/<model>/<run>/run.json                 the run's manifest (sites, shapes, dtype, corpus, ...)
-    <workspace>/store/<model>/<run>/seg-<first>-<end>.duckdb published segments, immutable
-    <workspace>/tables/activation_catalog/<model>.<run>.parquet   catalog rows (one per site), for Workspace.sql
-    <workspace>/tables/activation_tokens/<model>.<run>.<first>-<end>.parquet   token rows, for Workspace.sql
-    <workspace>/jobs/cache.<model>.<run>.json                progress of a running cache job
+    <workspace>/store/<model>/<run>/seg-<first>-<end>/       published segments, immutable: tokens.duckdb,
+                                                              <site>.npy per site, segment.json
+    <workspace>/tables/activation_catalog/<model>.<run>.<hash>.parquet   catalog rows (one per site), for Workspace.sql
+    <workspace>/tables/activation_tokens/<model>.<run>.<hash>.<first>-<end>.parquet   token rows, for Workspace.sql
+    <workspace>/jobs/cache.<model>.<run>.<hash>.json         progress of a running cache job
 
 A *run* is one model over one corpus (context, dtype and a set of sites); it is
 addressed by (model name, site), plus the run name when a model has several runs
@@ -68,6 +69,7 @@ import torch
 from torch import Tensor
 
 from workbench.errors import WorkbenchError
+from workbench.errors import one_line as _one_line
 from workbench.workspace import Workspace, check_name, sql_path
 
 if TYPE_CHECKING:
@@ -301,8 +303,9 @@ class ActivationStore:
         from workbench import streaming
 
         _check_positive(batch_rows, "batch_rows")
+        dtype, device = _delivery(dtype, device)
         found = self.run(model, [site], run)
-        _selected_rows(found, start_row, max_rows)
+        _check_selection(found, start_row, max_rows)
         specs = [(1, None), (1, None), (found.manifest.width(site), STORAGE[found.manifest.dtype])]
         chunks = streaming.ordered_chunks(found, ["seq_id", "pos", site], specs, start_row, max_rows, batch_rows)
         for seq, pos, acts in streaming.rebatch(chunks, batch_rows):
@@ -361,11 +364,11 @@ class ActivationStore:
         from workbench import streaming
 
         _check_positive(batch_size, "batch_size")
+        dtype, device = _delivery(dtype, device)
         found = self.run(model, sites, run)
         storage = STORAGE[found.manifest.dtype]
         specs = [(found.manifest.width(s), storage) for s in sites]
-        if _selected_rows(found, start_row, max_rows) == 0:
-            raise WorkbenchError(f"no rows selected from run {found.name!r} ({found.rows} rows; start_row={start_row}, max_rows={max_rows})")
+        _check_selection(found, start_row, max_rows)
         if shuffle:
             row_bytes = sum(w * storage.itemsize for w, _ in specs)
             block = buffer_rows if buffer_rows is not None else max(8 * batch_size, BUFFER_BYTES // row_bytes)
@@ -642,12 +645,32 @@ def _selected_rows(run: Run, start_row: int, max_rows: int | None) -> int:
     return available if max_rows is None else min(available, max_rows)
 
 
-def _deliver(x: Tensor, dtype: torch.dtype | str, device) -> Tensor:
-    """`x` as `dtype` on `device` (no copy when it already is)."""
-    if isinstance(dtype, str):
-        from workbench.model import resolve_dtype
+def _check_selection(run: Run, start_row: int, max_rows: int | None) -> None:
+    if _selected_rows(run, start_row, max_rows) == 0:
+        raise WorkbenchError(f"no rows selected from run {run.name!r} ({run.rows} rows; start_row={start_row}, max_rows={max_rows})")
 
-        dtype = resolve_dtype(dtype)
+
+def _delivery(dtype: torch.dtype | str, device) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device batches are delivered in, checked before anything is read: a floating-point dtype (a
+    torch dtype or its name), and a device this process has."""
+    from workbench.model import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
+    if not dtype.is_floating_point:
+        raise WorkbenchError(f"dtype {dtype} is not a floating-point type: activations come as float16, bfloat16, float32 or float64")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise WorkbenchError(f"bad device {device!r}: {_one_line(e)} (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WorkbenchError(f"device {str(device)!r} asked for, but torch sees no CUDA device here; use device='cpu'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise WorkbenchError(f"device {str(device)!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return dtype, device
+
+
+def _deliver(x: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`x` as `dtype` on `device` (no copy when it already is)."""
     return x.to(device=device, dtype=dtype, non_blocking=True)
 
 
@@ -778,6 +801,3 @@ def _pid_alive(pid) -> bool:
     return True
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] if text else type(e).__name__

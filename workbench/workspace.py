@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator
 
 import duckdb
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, one_line
 
 ENV_VAR = "WORKBENCH_WORKSPACE"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -210,9 +210,12 @@ class Workspace:
             con.close()
 
     def sql(self, query: str, params: list | None = None):
-        """Run one query over the workspace and return a pandas DataFrame."""
+        """Run one query over the workspace and return a pandas DataFrame (DuckDB's errors as one-line WorkbenchErrors)."""
         with self.connect() as con:
-            return con.execute(query, params or []).df()
+            try:
+                return con.execute(query, params or []).df()
+            except duckdb.Error as e:
+                raise WorkbenchError(f"SQL error: {one_line(e)}") from e
 
     def tables(self) -> list[str]:
         """Names of the tables visible to `sql`."""
