@@ -75,6 +75,8 @@ def reference_documents(split: str = "all") -> Iterator[str]:
 
 def file_documents(path: Path) -> Iterator[str]:
     """Documents of a local `.txt`, `.jsonl` or `.parquet` file, read as a stream."""
+    if path.is_dir():
+        raise DataError(f"corpus {path} is a directory: give one .txt, .jsonl or .parquet file")
     if not path.is_file():
         raise DataError(f"corpus file {path} does not exist")
     suffix = path.suffix.lower()
@@ -269,32 +271,63 @@ def _heldout(name: str) -> bool:
 def _text_blocks(path: Path) -> Iterator[str]:
     """Blank-line-separated blocks of a text file, one line in memory at a time (plus the current block)."""
     block: list[str] = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield "".join(block).rstrip("\n")
-                block = []
+    for line in _utf8_lines(path):
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "".join(block).rstrip("\n")
+            block = []
     if block:
         yield "".join(block).rstrip("\n")
 
 
-def _jsonl_documents(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+def _utf8_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file (universal newlines); a file that is not UTF-8 is refused where it stops being
+    UTF-8, by byte offset and line, rather than cached as replacement characters."""
+    with path.open(encoding="utf-8") as f:
+        try:
+            yield from f
+        except UnicodeDecodeError:
+            raise DataError(_not_utf8(path)) from None
+
+
+def _not_utf8(path: Path) -> str:
+    """Where `path` first stops being UTF-8, as one line saying what to do."""
+    import codecs
+
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with path.open("rb") as f:
+        utf16 = f.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+        f.seek(0)
+        while chunk := f.read(1 << 20):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path.name} line {lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DataError(f"{path.name} line {lineno}: expected an object with a string field 'text'")
-            yield obj["text"]
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                offset += e.start  # the decoder holds back at most 3 bytes of an unfinished character
+                lines += chunk[:e.start].count(b"\n")
+                break
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
+    encoding = "utf-16" if utf16 else "<its encoding, e.g. latin1>"
+    return (f"corpus file {path} is not UTF-8 text (byte {offset:,}, line {lines:,}"
+            f"{': it starts with a UTF-16 byte-order mark' if utf16 else ''}): convert it first, "
+            f"`iconv -f {encoding} -t utf-8` (`-c` drops bytes that do not decode)")
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    for lineno, line in enumerate(_utf8_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path.name} line {lineno}: not valid JSON ({e.msg})") from e
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise DataError(f"{path.name} line {lineno}: expected an object with a string field 'text'")
+        yield obj["text"]
 
 
 def _parquet_documents(path: Path) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -303,6 +336,9 @@ def _parquet_documents(path: Path) -> Iterator[str]:
         raise DataError(f"{path} is not a readable Parquet file ({' '.join(str(e).split())[:200]})") from e
     if "text" not in pf.schema_arrow.names:
         raise DataError(f"{path} has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+    kind = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise DataError(f"{path}: column 'text' holds {kind}, not strings")
     for batch in pf.iter_batches(columns=["text"], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text:

@@ -104,6 +104,23 @@ def test_changed_settings_of_an_existing_run_are_refused(store, tiny_model, corp
     assert store.run(tiny_model, SITES).rows == 4 * CTX
 
 
+def test_an_existing_run_keeps_its_segment_size_and_says_so(store, tiny_model, corpus, capsys):
+    cache(store, tiny_model, corpus, run="r", segment_tokens=2 * CTX)
+    capsys.readouterr()
+    cache(store, tiny_model, corpus, run="r", tokens=8 * CTX, segment_tokens=4 * CTX)
+    assert "keeps its segments of 64 tokens" in capsys.readouterr().err
+    assert [s.end - s.first for s in store.run(tiny_model, SITES).segments] == [2, 2, 2, 2]
+    with pytest.raises(WorkbenchError, match="segment_tokens"):
+        cache(store, tiny_model, corpus, run="r", segment_tokens=0)
+
+
+def test_a_corpus_file_has_no_splits(store, tiny_model, corpus):
+    with pytest.raises(WorkbenchError, match="no splits") as e:
+        cache(store, tiny_model, corpus, split="heldout")
+    one_line(e)
+    assert not store.workspace.store_dir.exists()
+
+
 def test_short_corpus_caches_what_there_is_and_says_so(store, tiny_model, tmp_path, capsys):
     small = write_corpus(tmp_path / "small.txt", n_docs=3)
     available = len(expected_tokens(tiny_model, small, 10_000))
@@ -116,6 +133,7 @@ def test_short_corpus_caches_what_there_is_and_says_so(store, tiny_model, tmp_pa
     assert len(acts) == available * CTX
     again = cache(store, tiny_model, small, tokens=100 * CTX)  # the same command again: nothing left to do
     assert again.new_rows == 0 and again.rows == result.rows
+    assert again.short and "holds only" in again.message  # still short, and still says so
 
 
 def test_empty_corpus_is_refused(store, tiny_model, tmp_path):
@@ -220,23 +238,30 @@ def test_a_second_job_on_the_same_run_is_refused(store, tiny_model, corpus):
 
 
 def test_cli_errors_are_one_line(tmp_path, model_dirs, corpus):
-    def run(*argv):
+    def run_lines(*argv, workspace=tmp_path / "ws"):
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(["cache", "--workspace", str(tmp_path / "ws"), "--model", str(model_dirs["gpt2"]), *argv])
-        lines = err.getvalue().strip().splitlines()
+            code = main(["cache", "--workspace", str(workspace), "--model", str(model_dirs["gpt2"]), *argv])
+        return code, err.getvalue().strip().splitlines()
+
+    def run(*argv, **kw):
+        code, lines = run_lines(*argv, **kw)
         return code, lines[-1] if lines else ""  # the last line: anything a library prints comes first
 
     code, err = run("--sites", "blocks.0.hook_nope", "--tokens", "100", "--corpus", str(corpus))
     assert code == 1 and err.startswith("error: unknown site")
     code, err = run("--sites", SITES[0], "--tokens", "0", "--corpus", str(corpus))
-    assert code == 1 and err.startswith("error:") and "positive" in err
+    assert code == 2 and err.startswith("error: argument --tokens") and "positive" in err
+    for bad in (["--tokens", "lots"], ["--tokens", "0.4"], ["--tokens", "2k", "--segment-tokens", "0"], ["--tokens", "2k", "--context", "abc"]):
+        code, lines = run_lines("--sites", SITES[0], "--corpus", str(corpus), *bad)  # argparse's usage block: not printed
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: argument") and "--help" in lines[0], lines
+    assert "'0.4'" in run_lines("--sites", SITES[0], "--tokens", "0.4")[1][0]  # what was typed, not what it rounds to
     code, err = run("--sites", SITES[0], "--tokens", "100", "--dataset", str(corpus))
     assert code == 1 and "--corpus" in err
     code, err = run("--sites", SITES[0], "--tokens", "100", "--corpus", str(tmp_path / "missing.txt"))
     assert code == 1 and "does not exist" in err
-    with pytest.raises(SystemExit):
-        run("--sites", SITES[0], "--tokens", "lots")
+    code, err = run("--sites", SITES[0], "--tokens", "100", "--corpus", str(tmp_path))
+    assert code == 1 and "is a directory" in err
     assert not (tmp_path / "ws" / "store").exists()
     code, err = run("--sites", SITES[0], "--tokens", "2k", "--corpus", str(corpus), "--context", "32")
     assert code == 0
@@ -286,3 +311,42 @@ def test_sql_over_more_segments_than_the_open_file_limit_allows(store, tiny_mode
     assert refused.returncode != 0
     last = refused.stderr.strip().splitlines()[-1]
     assert f"has {segments} segments" in last and "ulimit -Hn" in last and str(segments + 256) in last, last
+
+
+def test_cli_bad_corpus_files_and_workspaces_are_one_line(tmp_path, model_dirs, corpus):
+    """Corpus files that are not what they claim, and a workspace the machine will not let the job write, each give
+    one line naming the file and what to do, and leave nothing behind."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.test_store_faults import file_size_limit
+
+    def run(corpus_path, workspace=tmp_path / "ws"):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["cache", "--workspace", str(workspace), "--model", str(model_dirs["gpt2"]), "--sites", SITES[0],
+                         "--tokens", "2k", "--context", str(CTX), "--corpus", str(corpus_path)])
+        lines = err.getvalue().strip().splitlines()
+        return code, lines[-1] if lines else ""
+
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(("plain words\n" * 50 + "caf\u00e9 au lait\n").encode("latin-1"))  # the é: 12 * 50 + 3
+    code, err = run(latin)
+    assert code == 1 and "not UTF-8 text (byte 603, line 51)" in err and "iconv" in err, err
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_text("plain words\n" * 50, encoding="utf-16")
+    code, err = run(utf16)
+    assert code == 1 and "UTF-16 byte-order mark" in err and "iconv -f utf-16" in err, err
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3]}), numbers)
+    code, err = run(numbers)
+    assert code == 1 and "column 'text' holds int64, not strings" in err, err
+    assert not (tmp_path / "ws" / "store").exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a workspace")
+    code, err = run(corpus, workspace=a_file)
+    assert code == 1 and "is --workspace a file?" in err and str(a_file) in err, err
+    assert a_file.read_text() == "not a workspace"
+    with file_size_limit(2):  # the job's lock file takes the process's id: past the limit, as on a full disk
+        code, err = run(corpus, workspace=tmp_path / "ws2")
+    assert code == 1 and "file-size limit" in err and "ulimit -f" in err, err

@@ -135,17 +135,23 @@ def cache_activations(store: ActivationStore, model, sites: Sequence[str] | str,
                       run: str | None = None, batch_size: int = DEFAULT_BATCH, split: str | None = None,
                       segment_tokens: int | None = None, progress: bool = True, device=None) -> CacheResult:
     """Cache `n_tokens` (rounded up to whole sequences of `context`) of `corpus` through `model` at `sites`."""
+    from data.corpus import source_kind
     from workbench.model import load_model, site_info
 
     sites = _parse_sites(sites)
     _check_count(n_tokens, "the number of tokens to cache (--tokens)")
     _check_count(batch_size, "batch_size")
+    if segment_tokens is not None:
+        _check_count(segment_tokens, "segment_tokens (--segment-tokens)")
     storage = storage_name(dtype)
     if isinstance(model, (str, os.PathLike)):
         model = load_model(str(model), device=device)
     _check_context(model, context)
     infos = site_info(model, sites)
     corpus = _canonical_corpus(corpus)
+    if split is not None and split != default_split(corpus) and source_kind(corpus) == "file":
+        raise WorkbenchError(f"a local corpus file is read whole and has no splits (got split {split!r}); "
+                             "hold out a part with a file of its own, or with start_row when reading")
     split = split or default_split(corpus)
     run = run or default_run_name(corpus, context, storage, split)
     if len(check_name(run, "run name")) > 50:
@@ -158,7 +164,7 @@ def cache_activations(store: ActivationStore, model, sites: Sequence[str] | str,
                          per_segment, math.ceil(n_tokens / context))
     try:
         with store.workspace.job_lock(job_name(name, run)):
-            job = _CacheJob(store, model, wanted, batch_size, progress)
+            job = _CacheJob(store, model, wanted, batch_size, progress, segment_tokens_given=segment_tokens is not None)
             return job.execute()
     except Exception as e:
         if _is_interrupt(e):  # Ctrl-C that landed inside a DuckDB call comes back as DuckDB's own error
@@ -209,10 +215,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 class _CacheJob:
     """One cache job on one run, run under the run's job lock."""
 
-    def __init__(self, store: ActivationStore, model: "TransformerBridge", wanted: RunManifest, batch_size: int, progress: bool):
+    def __init__(self, store: ActivationStore, model: "TransformerBridge", wanted: RunManifest, batch_size: int, progress: bool,
+                 segment_tokens_given: bool = False):
         from workbench.model import stop_layer
 
         self.store, self.model, self.batch_size, self.show_progress = store, model, batch_size, progress
+        self.segment_tokens_given = segment_tokens_given  # asked for a segment size (a stored run keeps its own)
         self.workspace = store.workspace
         self.directory = run_directory(self.workspace, wanted.model, wanted.run)
         self.manifest = self._reconcile(wanted)
@@ -230,7 +238,9 @@ class _CacheJob:
         self._refresh_mirrors(segments)
         pieces = _missing_pieces(segments, _wanted_sequences(m), m.segment_sequences)
         if not pieces:
-            return self._result(segments, short=False, message="already cached; nothing to do")
+            short = m.exhausted_at is not None and m.exhausted_at < m.target_sequences
+            return self._result(segments, short=short, message="already cached; nothing to do" + (
+                f" (corpus {m.corpus!r} holds only {m.exhausted_at * m.context:,} tokens)" if short else ""))
         before = [s for s in segments if s.end <= pieces[0][0]]
         check = before[-1] if before else None
         self._report("running", segments)
@@ -279,6 +289,9 @@ class _CacheJob:
                     f"run {stored.run!r} of {stored.model!r} was cached with {label} {_show(old)}, not {_show(new)}; "
                     f"repeat its settings to resume or extend it, or pass --run NAME to start another run"
                 )
+        if self.segment_tokens_given and wanted.segment_sequences != stored.segment_sequences:
+            print(f"warning: run {stored.run!r} keeps its segments of {stored.segment_sequences * stored.context:,} tokens "
+                  f"(--segment-tokens applies to a new run)", file=sys.stderr)
         published = sum(s.end - s.first for s in list_segments(self.directory))
         target = max(wanted.target_sequences, published)
         if target != stored.target_sequences:
@@ -1181,4 +1194,7 @@ def token_count(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a token count: {text!r} (use e.g. 100000, 100k or 2M)")
     scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[match[2].lower()]
-    return round(float(match[1]) * scale)
+    count = round(float(match[1]) * scale)
+    if count <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive token count: {text!r} (use e.g. 100000, 100k or 2M)")
+    return count
