@@ -288,10 +288,18 @@ def _utf8_lines(path: Path) -> Iterator[str]:
         try:
             yield from f
         except UnicodeDecodeError:
-            raise DataError(_not_utf8(path)) from None
+            raise DataError(not_utf8(path)) from None
 
 
-def _not_utf8(path: Path) -> str:
+def read_utf8(path: Path, what: str = "file") -> str:
+    """The whole text of a small UTF-8 file (task and prompt files); one clear line if it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(not_utf8(path, what)) from None
+
+
+def not_utf8(path: Path, what: str = "corpus file") -> str:
     """Where `path` first stops being UTF-8, as one line saying what to do."""
     import codecs
 
@@ -308,7 +316,7 @@ def _not_utf8(path: Path) -> str:
                 break
             offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
     encoding = "utf-16" if utf16 else "<its encoding, e.g. latin1>"
-    return (f"corpus file {path} is not UTF-8 text (byte {offset:,}, line {lines:,}"
+    return (f"{what} {path} is not UTF-8 text (byte {offset:,}, line {lines:,}"
             f"{': it starts with a UTF-16 byte-order mark' if utf16 else ''}): convert it first, "
             f"`iconv -f {encoding} -t utf-8` (`-c` drops bytes that do not decode)")
 

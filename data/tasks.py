@@ -236,7 +236,9 @@ def load_jsonl(path: str | Path, tokenizer, prepend_bos: bool = True) -> TaskPro
     if not path.is_file():
         raise DataError(f"task file {path} does not exist")
     exs, where, metric = [], [], None
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    from data.corpus import read_utf8
+
+    for lineno, line in enumerate(read_utf8(path, "task file").splitlines(), start=1):
         if not line.strip():
             continue
         label = f"{path.name} line {lineno}"

@@ -114,3 +114,11 @@ def test_jsonl_errors_name_the_line(tmp_path, tokenizer, line, message):
     path.write_text(json.dumps({"clean": "a", "corrupt": "b", "answer": " Mary", "wrong": " John"}) + "\n" + line + "\n")
     with pytest.raises(DataError, match=message.replace("(", r"\(")):
         load_jsonl(path, tokenizer)
+
+
+def test_a_task_file_that_is_not_utf8_is_refused_where_it_stops_being_utf8(tmp_path, tokenizer):
+    path = tmp_path / "latin.jsonl"
+    good = json.dumps({"clean": "a", "corrupt": "b", "answer": " Mary", "wrong": " John"}) + "\n"
+    path.write_bytes(good.encode() + '{"clean": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"task file .*latin.jsonl is not UTF-8 text \(byte {len(good) + 14:,}, line 2\)"):
+        load_jsonl(path, tokenizer)

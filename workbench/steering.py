@@ -531,7 +531,9 @@ def _lines(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise WorkbenchError(f"prompt file {path} does not exist")
-    lines = [line.rstrip("\n") for line in p.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    from data.corpus import read_utf8
+
+    lines = [line.rstrip("\n") for line in read_utf8(p, "prompt file").splitlines() if line.strip()]
     if not lines:
         raise WorkbenchError(f"prompt file {path} has no prompts")
     return lines
