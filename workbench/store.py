@@ -514,9 +514,7 @@ def site_array(segment: Segment, site: str, info: dict, width: int, storage: "St
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        if not segment.path.exists():
-            raise vanished(segment) from e
-        raise damaged(segment, e, path) from e
+        raise unreadable(segment, e, path) from e
     if array.shape != (rows, width) or array.dtype != np.dtype(storage.numpy_dtype):
         raise damaged(segment, ValueError(f"{path.name} holds {array.dtype}{list(array.shape)}, expected "
                                            f"{np.dtype(storage.numpy_dtype)}{[rows, width]}"), path)
@@ -618,11 +616,14 @@ def open_segment(segment: Segment) -> Iterator["duckdb.DuckDBPyConnection"]:
         con.execute("USE seg")
         yield con
     except duckdb.Error as e:
-        if not segment.path.exists():
-            raise vanished(segment) from e
-        raise damaged(segment, e, path) from e
+        raise unreadable(segment, e, path) from e
     finally:
         con.close()
+
+
+def unreadable(segment: Segment, error: Exception, path: Path) -> WorkbenchError:
+    """The error for a segment file that could not be read: the segment was deleted meanwhile, or it is damaged."""
+    return vanished(segment) if not segment.path.exists() else damaged(segment, error, path)
 
 
 def vanished(segment: Segment) -> WorkbenchError:
@@ -750,9 +751,7 @@ def _attach_tokens(con, seg: Segment, alias: str) -> int:
         con.execute(f"ATTACH '{sql_path(path)}' AS {alias} (READ_ONLY)")
         return con.execute(f"SELECT count(*) FROM {alias}.tokens").fetchall()[0][0]
     except duckdb.Error as e:
-        if not seg.path.exists():
-            raise vanished(seg) from e
-        raise damaged(seg, e, path) from e
+        raise unreadable(seg, e, path) from e
 
 
 def _allow_open_files(files: int, run: Run) -> None:

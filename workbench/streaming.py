@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from workbench.store import (CHUNK_ROWS, Run, Segment, Storage, chunk_checksums, damaged, read_segment_info, site_array,
-                             site_file, vanished)
+                             site_file, unreadable)
 
 PIECES = 8  # windows per shuffle block
 CHUNK_BYTES = 8 * 2**20  # rows per in-order read (about this many bytes, a whole number of batches)
@@ -291,9 +291,7 @@ class RunReader:
             finally:
                 os.close(fd)
         except (OSError, ValueError) as e:
-            if not seg.path.exists():
-                raise vanished(seg) from e
-            raise damaged(seg, e, path) from e
+            raise unreadable(seg, e, path) from e
         dtype = np.dtype(storage.numpy_dtype)
         return np.frombuffer(region, dtype=dtype, count=(last - first) * width, offset=start - aligned).reshape(-1, width)
 
