@@ -171,6 +171,7 @@ def test_nan_and_inf_activations_are_refused_naming_site_and_rows(tmp_path, toke
     message = one_line(e)
     assert "NaN/inf" in message and "hook_embed" in message
     assert f"(seq {int(first[0])}, pos {int(first[1])})" in message
+    assert "of the batch of sequences 0-3" in message  # the count is of that batch: the job stops there
     assert not list(store.workspace.store_dir.glob("*/poisoned/seg-*"))  # nothing half-written
     assert store.run(tiny_model, SITES, "healthy").rows == 4 * CTX
 

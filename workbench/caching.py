@@ -611,7 +611,9 @@ def check_finite(site: str, values: Tensor, first_seq: int, context: int, dtype:
         return
     where = ", ".join(f"(seq {first_seq + r // context}, pos {r % context})" for r in rows[:5])
     hint = " (float16 holds at most ±65504: use --dtype bfloat16 or float32)" if dtype == "float16" else ""
-    raise WorkbenchError(f"refusing to cache NaN/inf activations at {site} in {len(rows)} row(s): {where}{' ...' if len(rows) > 5 else ''}{hint}")
+    last = first_seq + (len(values) - 1) // context
+    raise WorkbenchError(f"refusing to cache NaN/inf activations at {site} in {len(rows)} row(s) of the batch of sequences "
+                         f"{first_seq}-{last} (the job stops at the first such batch): {where}{' ...' if len(rows) > 5 else ''}{hint}")
 
 
 def _constant_column(value: str, rows: int) -> "pa.DictionaryArray":
