@@ -45,6 +45,9 @@ Three targets (issue 3), each printed as a ratio from this one run:
    bare-forward process per round followed to 3M tokens, reporting their peaks after
    100k, 300k, 1M, 2M and 3M tokens, to see whether growth stops after the first
    million.
+4. sql (`--parts sql`, not run by default): `store.sql` (the `activations` view opened over every segment,
+   then a point lookup on seq_id), five calls a round, on two runs of 16 segments each, one with 16 times the
+   other's tokens; their ratio shows whether the view's cost follows the run's tokens or its segments.
 
 Rounds alternate between contenders (A B C A B C ...) so load from other processes
 hits them alike; ratios are printed from the medians, and from the best rounds in
@@ -61,7 +64,7 @@ compares tuned with glibc's defaults).
 
     python benchmarks/store_bench.py [--rounds 5] [--read-rows 400000] [--width 256]
                                      [--cache-tokens 524288] [--cache-large-tokens 32768]
-                                     [--parts read,cache,memory[,long]] [--memory-rounds 3]
+                                     [--parts read,cache,memory[,long,sql]] [--memory-rounds 3]
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def main() -> None:
         cache = bench_cache(tmp, args) if "cache" in parts else None
         memory = bench_memory(tmp, args) if "memory" in parts else None
         long = bench_memory_long(tmp, args) if "long" in parts else None
+        sql = bench_sql(tmp, args) if "sql" in parts else None
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end; ratios from medians (and from best rounds) of alternating rounds")
     if read:
         print(f"1. read   : store.batches (shuffled) / np.load  = {_ratio(read, 'shuffled', 'npy')}   (target >= 0.60; "
@@ -128,6 +132,10 @@ def main() -> None:
             ratios = [end / early for early, end in zip(memory[f"{key}@100k"][1], memory[key][1])]
             print(f"           {label} within each 1M process, peak at the end / peak after its first 100k tokens: "
                   f"median {statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})")
+    if sql:
+        print(f"4. sql    : store.sql over {SQL_SEGMENTS} segments (opening the view, then a seq_id lookup), "
+              f"{SQL_SEGMENTS * SQL_SEQUENCES[1] * 128:,} / {SQL_SEGMENTS * SQL_SEQUENCES[0] * 128:,} tokens = {_ratio(sql, 'small', 'large')}   "
+              f"(information: the view's cost follows segments, not tokens)")
     if long:
         for key, label in (("cache", "caching          "), ("forward", "bare forward loop")):
             ratios = [peaks[-1] / peaks[0] for peaks in long[key]]
@@ -203,13 +211,15 @@ def _drop_cached(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def write_random_run(store, model: str, run: str, rows: int, width: int, npy: Path | None = None, context: int = 128) -> None:
-    """A store run of random float32 rows written by the cache job's own segment writer (and the same rows as .npy)."""
+def write_random_run(store, model: str, run: str, rows: int, width: int, npy: Path | None = None, context: int = 128,
+                     per_segment: int | None = None) -> None:
+    """A store run of random float32 rows written by the cache job's own segment writer (and the same rows as .npy);
+    `per_segment` sequences a segment (default: about 256 MiB)."""
     from workbench.caching import SegmentWriter
     from workbench.store import RunManifest, run_directory, segment_path
 
     sequences = rows // context
-    per_segment = max(1, (256 * 2**20) // (context * width * 4))
+    per_segment = per_segment or max(1, (256 * 2**20) // (context * width * 4))
     manifest = RunManifest(model, run, ("x",), {"x": (width,)}, "float32", context, "random", "all", "-", per_segment, sequences)
     directory = run_directory(store.workspace, model, run)
     directory.mkdir(parents=True, exist_ok=True)
@@ -238,6 +248,31 @@ def npy_batches(npy: Path, batch: int):
     perm = np.random.default_rng(0).permutation(len(rows))
     for a in range(0, len(rows), batch):
         yield torch.from_numpy(rows[np.sort(perm[a:a + batch])])
+
+
+# ====================================================================== 4. SQL over a run
+SQL_SEGMENTS = 16
+SQL_SEQUENCES = (64, 1024)  # a segment's sequences in the small and the large run (16x the tokens)
+
+
+def bench_sql(tmp: Path, args) -> dict[str, list[float]]:
+    """Seconds per `store.sql` call (the `activations` view opened over every segment, then one point lookup) on two
+    runs of SQL_SEGMENTS segments each, one with 16 times the other's tokens."""
+    from workbench.store import ActivationStore
+
+    store = ActivationStore(tmp / "sql-ws")
+    for name, per_segment in zip(("small", "large"), SQL_SEQUENCES):
+        write_random_run(store, f"bench/sql-{name}", "random", SQL_SEGMENTS * per_segment * 128, 16, per_segment=per_segment)
+    query = "SELECT count(*) AS n FROM activations WHERE seq_id = 5"
+    print(f"sql: {SQL_SEGMENTS} segments of {SQL_SEQUENCES[0] * 128:,} and of {SQL_SEQUENCES[1] * 128:,} tokens; {query}")
+
+    def call(name: str):
+        def run():
+            for _ in range(5):
+                assert store.sql(query, model=f"bench/sql-{name}")["n"][0] == 128
+        return run
+
+    return _rounds({"small": call("small"), "large": call("large")}, args.rounds, None)
 
 
 # ====================================================================== 2. caching overhead
@@ -548,7 +583,8 @@ def _parse():
     parser.add_argument("--cache-large-tokens", type=int, default=32_768,
                         help="tokens cached with the GPT-2-small-shaped model (0: skip it)")
     parser.add_argument("--parts", default="read,cache,memory",
-                        help="comma-separated subset of read,cache,memory,long (long: one process each followed to 3M tokens)")
+                        help="comma-separated subset of read,cache,memory,long,sql (long: one process each followed to 3M tokens; "
+                             "sql: store.sql's cost on two runs of the same segments, one with 16x the tokens)")
     parser.add_argument("--memory-rounds", type=int, default=3, help="fresh processes per size and contender for the peaks")
     parser.add_argument("--tuned-read", action="store_true",
                         help="run the read part with glibc malloc tuned as the workbench tunes it for models and training")
