@@ -351,3 +351,28 @@ def test_cli_bad_corpus_files_and_workspaces_are_one_line(tmp_path, model_dirs, 
     with file_size_limit(2):  # the job's lock file takes the process's id: past the limit, as on a full disk
         code, err = run(corpus, workspace=tmp_path / "ws2")
     assert code == 1 and "file-size limit" in err and "ulimit -f" in err, err
+
+
+def test_cli_keeps_a_user_errors_words_over_the_os_error_beneath_it(monkeypatch, tmp_path):
+    """The CLI words a bare OSError from the machine (disk full, ...) itself, but a WorkbenchError raised while
+    handling one (the cache job's 'disk full while writing segment ...') already says more: its words are kept."""
+    import errno
+
+    import workbench.caching as caching
+
+    def disk_full_then_explained(args):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+        except OSError:
+            raise WorkbenchError("disk full while writing segment seg-1: free space and re-run") from None
+
+    def bare_disk_full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    for command, says in ((disk_full_then_explained, "error: disk full while writing segment seg-1"),
+                          (bare_disk_full, f"error: No space left on device ({tmp_path / 'x'}): the disk is full")):
+        monkeypatch.setattr(caching, "run_cache", command)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["cache", "--workspace", str(tmp_path / "ws"), "--sites", SITES[0], "--tokens", "1k"])
+        assert code == 1 and err.getvalue().strip().startswith(says), err.getvalue()

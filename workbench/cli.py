@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; finished work is kept and a re-run resumes where it can", file=sys.stderr)
         return 130
     except Exception as e:  # user errors become one line; anything else is a bug and keeps its traceback
-        message = _environment_error(e) or (str(e) if _is_user_error(e) else None)
+        # a user error keeps its own words, even one raised while handling an OSError (it says more than errno)
+        message = str(e) if _is_user_error(e) else _environment_error(e)
         if message is None:
             raise
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
